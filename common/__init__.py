@@ -1,0 +1,1 @@
+"""What the stage scripts share, one place each: config, prompts, model loading, model files, logging."""

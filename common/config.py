@@ -1,0 +1,290 @@
+"""Configuration: config.yaml holds every default once; this module holds only the types.
+
+Order of precedence (later wins): config.yaml -> the selected profile's overlay -> environment
+variables (and .env) for deployment knobs -> `--set section.key=value` -> a stage's own flags.
+Unknown keys and wrong types are errors that name the key, so a typo never passes silently.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem with config.yaml, a profile, an env variable or a flag."""
+
+
+# ----------------------------------------------------------------------------- the schema
+# Types only: the values (and the comment on each) live in config.yaml.
+@dataclass
+class ModelConfig:
+    path: str
+
+
+@dataclass
+class PromptConfig:
+    system: str
+    user_template: str
+    label_separator: str
+    enable_thinking: bool
+
+
+@dataclass
+class DownloadConfig:
+    source: str
+    repo_id: str
+    revision: str
+    local_dir: str | None
+    tiny_dir: str
+
+
+@dataclass
+class TinyConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    shard_size: str
+    seed: int
+
+
+@dataclass
+class DataConfig:
+    input: str
+    processed_dir: str
+
+
+@dataclass
+class VerifyConfig:
+    min_free_disk_gb: float
+    gpu_memory_gib: float | None
+
+
+@dataclass
+class ServeConfig:
+    host: str
+    port: int
+    quantization: str
+    max_concurrent: int
+    max_prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass
+class LoggingConfig:
+    dir: str
+    level: str
+
+
+@dataclass
+class Config:
+    profile: str | None
+    model: ModelConfig
+    prompt: PromptConfig
+    download: DownloadConfig
+    tiny: TinyConfig
+    data: DataConfig
+    verify: VerifyConfig
+    serve: ServeConfig
+    logging: LoggingConfig
+
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """Config paths are relative to the repo root, so scripts work from any directory."""
+        p = Path(path)
+        return p if p.is_absolute() else ROOT / p
+
+
+# Deployment knobs that the environment (or .env) may set; documented in .env.example.
+ENV_KEYS = {
+    "QWEN_PROFILE": "profile",
+    "MODEL_PATH": "model.path",
+    "HOST": "serve.host",
+    "PORT": "serve.port",
+    "LOG_LEVEL": "logging.level",
+}
+
+
+# ----------------------------------------------------------------------------- typing
+def _check_type(value, tp, key: str):
+    """Return value converted to tp, or raise ConfigError naming the key."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e-4 as a string; accept it as the number it obviously is
+            return float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})")
+    values = {}
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.name not in data:
+            raise ConfigError(f"config key '{key}' is missing")
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = _build(tp, data[f.name], key + ".")
+        else:
+            values[f.name] = _check_type(data[f.name], tp, key)
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------- merging
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"unknown config key '{dotted}'")
+        node = node[p]
+    node[leaf] = value
+
+
+def _field_type(dotted: str):
+    tp = Config
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        tp = hints[part]
+    return tp
+
+
+def _parse_text(dotted: str, text: str):
+    """Text from env, --set or a flag, typed by the key: '8000' -> 8000 for an int, kept for a str."""
+    tp = _field_type(dotted)
+    if tp is str or (text not in ("null", "~") and str in typing.get_args(tp)):
+        return text
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; run from the repo or pass --config PATH")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, profile: str | None = None,
+                overrides: dict[str, object] | None = None, use_env: bool = True) -> Config:
+    """Read config.yaml, apply the profile, the environment and dotted overrides; validate."""
+    if use_env:
+        _load_dotenv()
+    path = Path(path or os.environ.get("QWEN_CONFIG") or DEFAULT_CONFIG)
+    raw = _read_yaml(path)
+    profiles = raw.pop("profiles", None) or {}
+    for name, overlay in profiles.items():  # a typo in any profile is an error, selected or not
+        _build(Config, _deep_merge(raw, overlay or {}), "")
+    env = {dotted: _parse_text(dotted, os.environ[var]) for var, dotted in ENV_KEYS.items()
+           if use_env and os.environ.get(var, "") != ""}
+    if profile is not None:
+        env["profile"] = profile
+    chosen = env.get("profile", raw.get("profile"))
+    if chosen not in (None, "none"):
+        if chosen not in profiles:
+            raise ConfigError(f"unknown profile '{chosen}' (config.yaml defines: {', '.join(profiles) or 'none'})")
+        raw = _deep_merge(raw, profiles[chosen] or {})
+    for dotted, value in {**env, **(overrides or {})}.items():
+        _set_dotted(raw, dotted, value)
+    raw["profile"] = None if chosen == "none" else chosen
+    return _build(Config, raw, "")
+
+
+def _load_dotenv() -> None:
+    """A .env file beside config.yaml sets variables that the real environment has not set."""
+    from dotenv import load_dotenv
+    load_dotenv(ROOT / ".env", override=False)
+
+
+# ----------------------------------------------------------------------------- the CLI glue
+def add_config_args(parser: argparse.ArgumentParser, section: str | None = None) -> None:
+    """--config, --profile, --set, and one flag per key of the stage's own section.
+
+    The flags default to None ("not given"), so config.yaml stays the single source of defaults;
+    --help shows the value config.yaml gives each of them.
+    """
+    parser.add_argument("--config", help="config file to read (default: config.yaml, or $QWEN_CONFIG)")
+    parser.add_argument("--profile", help="overlay from config.yaml's profiles ('none' for the plain values)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config key, e.g. --set serve.port=9000 (repeatable)")
+    if section is None:
+        return
+    try:
+        current = getattr(load_config(use_env=False), section)
+    except ConfigError:  # --help must work even when config.yaml is broken; the run will say why
+        current = None
+    section_cls = typing.get_type_hints(Config)[section]
+    for f in fields(section_cls):
+        tp = typing.get_type_hints(section_cls)[f.name]
+        shown = getattr(current, f.name) if current is not None else "?"
+        kwargs = dict(dest=f"cfg__{f.name}", default=None, help=f"default {section}.{f.name}: {shown!r}")
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = str  # converted and checked with the config's own types
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, section: str | None = None) -> Config:
+    """Load the config with the overrides the command line gave."""
+    overrides: dict[str, object] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects SECTION.KEY=VALUE, got '{item}'")
+        overrides[key.strip()] = _parse_text(key.strip(), value)
+    for name, value in vars(args).items():
+        if name.startswith("cfg__") and value is not None:
+            dotted = f"{section}.{name[5:]}"
+            overrides[dotted] = _parse_text(dotted, value) if isinstance(value, str) else value
+    return load_config(args.config, args.profile, overrides)

@@ -1,0 +1,122 @@
+"""Model loading, one place: device, dtype, bitsandbytes 8-bit / 4-bit, base+adapter or merged.
+
+    device: CUDA > MPS > CPU
+    dtype:  bf16 where the GPU supports it, else fp16 on a GPU, fp32 on the CPU
+    quant:  none | 8bit (LLM.int8) | 4bit (NF4, double quant, compute in the dtype above)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+QUANT_MODES = ("none", "8bit", "4bit")
+
+
+def pick_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str) -> torch.dtype:
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32  # CPU matmuls in bf16 are slow on most CPUs and fp16 is worse
+
+
+def resolve_quantization(mode: str, device: str) -> str:
+    """`auto` means 8-bit on CUDA (the 8B fits a 10 GB card only so) and full precision elsewhere."""
+    if mode == "auto":
+        return "8bit" if device == "cuda" else "none"
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization must be auto, {', '.join(QUANT_MODES)}; got '{mode}'")
+    return mode
+
+
+def quantization_config(mode: str, compute_dtype: torch.dtype):
+    """The bitsandbytes config for a mode, or None for full precision."""
+    if mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,  # quantizes the quantization constants too: ~0.4 GB less on 8B
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+class _OncePerMessage(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes logs a warning on every 8-bit matmul on the CPU (the fp16 cast): once is enough.
+    Its CPU backend also asks for the optional `kernels` package, which would fetch code from a hub
+    at run time; the built-in CPU path works without it, so that notice is dropped."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OncePerMessage) for f in logger.filters):
+        logger.addFilter(_OncePerMessage())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+quiet_bitsandbytes()  # before anything imports bitsandbytes: the kernels notice comes at import
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:  # Qwen3 ships <|endoftext|> as pad; never fall back to the eos it learns
+        tok.pad_token = "<|endoftext|>"
+    return tok
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base_path(adapter: str | Path) -> str:
+    return json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_model(path: str | Path, quantization: str = "none", device: str | None = None,
+               adapter: str | Path | None = None, dtype: torch.dtype | None = None):
+    """Load a merged model, or a base model plus a LoRA adapter, ready for inference or training.
+
+    `path` may be an adapter directory itself; its base is then read from adapter_config.json.
+    """
+    from transformers import AutoModelForCausalLM
+    if adapter is None and is_adapter_dir(path):
+        adapter, path = path, adapter_base_path(path)
+    device = device or pick_device()
+    dtype = dtype or pick_dtype(device)
+    mode = resolve_quantization(quantization, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, quantization_config=quantization_config(mode, dtype),
+        device_map={"": device}, low_cpu_mem_usage=True,
+    )
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter))
+    log.info("loaded %s%s on %s (%s, quantization %s)", path, f" + adapter {adapter}" if adapter else "",
+             device, str(dtype).removeprefix("torch."), mode)
+    return model

@@ -1,0 +1,98 @@
+"""Memory-fit estimates from a model's config.json alone, before anything is loaded.
+
+Weights: bitsandbytes quantizes the decoder's linear layers only; the embedding and the output
+head stay 16-bit. KV cache per token = 2 (K and V) x layers x kv_heads x head_dim x 2 bytes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1024**3  # cards are sized in GiB: an RTX 3080 "10 GB" is 10 GiB
+BYTES_PER_WEIGHT = {"none": 2.0, "8bit": 1.0, "4bit": 0.5 + 0.5 / 64}  # NF4 + double-quant constants
+CUDA_CONTEXT_GIB = 0.5  # CUDA context, cuBLAS workspace and allocator slack, seen on consumer cards
+
+
+# Published Qwen3 shapes (their config.json), so a fit can be checked before a download.
+_QWEN3 = dict(vocab_size=151936, head_dim=128, num_key_value_heads=8)
+QWEN3_SHAPES = {
+    "Qwen3-0.6B": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "Qwen3-1.7B": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, tie_word_embeddings=True),
+    "Qwen3-4B": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=True),
+    "Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, tie_word_embeddings=False),
+    "Qwen3-14B": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                      num_attention_heads=40, tie_word_embeddings=False),
+    "Qwen3-32B": dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                      num_attention_heads=64, tie_word_embeddings=False),
+}
+
+
+def model_shape(model_dir: str | Path) -> dict | None:
+    """The model's config.json, or the published shape its directory name names, or None."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return QWEN3_SHAPES.get(Path(model_dir).name.removesuffix("-Base"))
+
+
+@dataclass
+class ParamCount:
+    linear: int  # the decoder's projections: what bitsandbytes quantizes
+    other: int   # embeddings, output head, norms: kept 16-bit
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.other
+
+
+def count_params(cfg: dict) -> ParamCount:
+    """Parameter count of a Qwen2/Qwen3-style decoder from its config.json."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or h // heads
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o and k, v
+    mlp = 3 * h * cfg["intermediate_size"]                   # gate, up, down
+    embed = cfg["vocab_size"] * h
+    head = 0 if cfg.get("tie_word_embeddings", False) else embed
+    norms = layers * (2 * h + 2 * head_dim) + h              # layer norms, q/k norms, final norm
+    return ParamCount(linear=layers * (attn + mlp), other=embed + head + norms)
+
+
+def weights_gib(cfg: dict, quantization: str) -> float:
+    p = count_params(cfg)
+    return (p.linear * BYTES_PER_WEIGHT[quantization] + p.other * 2.0) / GIB
+
+
+def kv_cache_gib(cfg: dict, tokens: int) -> float:
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    kv = cfg.get("num_key_value_heads", heads)
+    return 2 * cfg["num_hidden_layers"] * kv * head_dim * 2 * tokens / GIB
+
+
+@dataclass
+class ServingFit:
+    weights_gib: float
+    kv_gib: float
+    overhead_gib: float
+    concurrent: int
+    tokens_each: int
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.kv_gib + self.overhead_gib
+
+    def describe(self, quantization: str) -> str:
+        return (f"{quantization} weights {self.weights_gib:.1f} GiB + KV cache for {self.concurrent} concurrent x "
+                f"{self.tokens_each / 1000:.1f}k tokens {self.kv_gib:.1f} GiB + {self.overhead_gib:.1f} GiB overhead "
+                f"= {self.total_gib:.1f} GiB")
+
+
+def serving_fit(cfg: dict, quantization: str, concurrent: int, tokens_each: int) -> ServingFit:
+    return ServingFit(weights_gib(cfg, quantization), kv_cache_gib(cfg, concurrent * tokens_each),
+                      CUDA_CONTEXT_GIB, concurrent, tokens_each)

@@ -1,0 +1,117 @@
+"""Is a model directory complete? One answer for download, verify_setup, merge and serving.
+
+A safetensors file states its own size in its header (8-byte length + JSON header + the data the
+last tensor ends at), so a truncated shard is caught without reading the weights. The manifest a
+stage writes last (files and sizes) marks a directory whose writing finished.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class Finding:
+    level: str  # "fail" | "warn"
+    message: str
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None when the file is as long as its header says, else what is wrong with it."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is {size} bytes, too short to be safetensors"
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            return f"{path.name} is truncated: its header alone should be {header_len} bytes"
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{path.name} has a corrupt header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    expected = 8 + header_len + end
+    if size != expected:
+        return f"{path.name} is {size:,} bytes but its header says {expected:,} (truncated or corrupt)"
+    return None
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def weight_files(model_dir: Path) -> tuple[list[str], list[Finding]]:
+    """The safetensors files the model needs, from the index when sharded."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        data = _json(index)
+        if not data or "weight_map" not in data:
+            return [], [Finding("fail", f"{index.name} is not a valid index")]
+        return sorted(set(data["weight_map"].values())), []
+    if (model_dir / "model.safetensors").is_file():
+        return ["model.safetensors"], []
+    if any(model_dir.glob("*.bin")):
+        return [], [Finding("warn", "weights are .bin (pickle) files; safetensors is safer and loads faster")]
+    return [], [Finding("fail", "no model.safetensors or model.safetensors.index.json")]
+
+
+def check_model_dir(model_dir: str | Path) -> list[Finding]:
+    """Everything that would stop training or serving from this directory; [] when complete."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        return [Finding("fail", f"{d} does not exist")]
+    if (d / "adapter_config.json").is_file():
+        return [] if any(d.glob("adapter_model.*")) else [Finding("fail", "adapter_config.json but no adapter weights")]
+    found: list[Finding] = []
+    if _json(d / "config.json") is None:
+        found.append(Finding("fail", "config.json is missing or not valid JSON"))
+    names, problems = weight_files(d)
+    found += problems
+    for name in names:
+        f = d / name
+        problem = f"{name} is missing (named in the index)" if not f.is_file() else safetensors_problem(f)
+        if problem:
+            found.append(Finding("fail", problem))
+    found += _tokenizer_findings(d)
+    manifest = _json(d / MANIFEST)
+    if manifest is None:
+        found.append(Finding("warn", f"no {MANIFEST}: not written by download_model.py, or its download did not finish"))
+    else:
+        for name, size in manifest.get("files", {}).items():
+            f = d / name
+            if not f.is_file() or f.stat().st_size != size:
+                found.append(Finding("fail", f"{name} does not match the manifest ({size:,} bytes expected)"))
+    return found
+
+
+def _tokenizer_findings(d: Path) -> list[Finding]:
+    found = []
+    if not (d / "tokenizer.json").is_file() and not (d / "vocab.json").is_file():
+        found.append(Finding("fail", "no tokenizer (tokenizer.json or vocab.json + merges.txt)"))
+    tok_cfg = _json(d / "tokenizer_config.json")
+    if tok_cfg is None:
+        found.append(Finding("fail", "tokenizer_config.json is missing or not valid JSON"))
+    elif not (d / "chat_template.jinja").is_file() and "chat_template" not in tok_cfg:
+        found.append(Finding("fail", "no chat template (chat_template.jinja or tokenizer_config.json)"))
+    if not (d / "generation_config.json").is_file():
+        found.append(Finding("warn", "no generation_config.json: generation may not stop at <|im_end|>"))
+    return found
+
+
+def write_manifest(model_dir: str | Path, **info) -> Path:
+    """Record every file and its size; written last, so its presence means the writing finished."""
+    d = Path(model_dir)
+    files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*"))
+             if p.is_file() and p.name != MANIFEST and ".cache" not in p.parts}
+    manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info, "files": files}
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return d / MANIFEST

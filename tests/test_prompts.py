@@ -1,0 +1,64 @@
+"""The prompt contract: one rendering for training, evaluation and serving, and replies back to labels."""
+import pytest
+
+from common.config import load_config
+from common.prompts import (IGNORE_INDEX, answer_ids, build_messages, classification_prompt, encode_example,
+                            encode_text, parse_label)
+
+LABELS = ["货币政策", "股市", "房地产"]
+TEXT = "人民银行宣布下调存款准备金率0.5个百分点。"
+
+
+@pytest.fixture(scope="module")
+def prompt_cfg():
+    return load_config(use_env=False).prompt
+
+
+def test_messages_hold_system_labels_and_text(prompt_cfg):
+    system, user = build_messages(TEXT, LABELS, prompt_cfg)
+    assert system == {"role": "system", "content": prompt_cfg.system}
+    assert user["role"] == "user" and "货币政策、股市、房地产" in user["content"] and TEXT in user["content"]
+
+
+def test_braces_in_user_text_are_kept_verbatim(prompt_cfg):
+    text = "模板 {labels} 与 {0} 不应被展开"
+    assert text in build_messages(text, LABELS, prompt_cfg)[1]["content"]
+
+
+def test_bad_template_names_the_placeholder(prompt_cfg):
+    from dataclasses import replace
+    with pytest.raises(ValueError, match="'category'"):
+        build_messages(TEXT, LABELS, replace(prompt_cfg, user_template="{category}: {text}"))
+
+
+def test_training_example_starts_with_the_exact_serving_prompt(tokenizer, prompt_cfg):
+    prompt = classification_prompt(tokenizer, TEXT, LABELS, prompt_cfg)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off by default
+    example = encode_example(tokenizer, prompt, "股市")
+    served = encode_text(tokenizer, prompt)
+    assert example["input_ids"][:len(served)] == served
+    # the loss sees only the answer: the label's tokens, then <|im_end|>
+    n_prompt = sum(1 for x in example["labels"] if x == IGNORE_INDEX)
+    assert n_prompt == len(served)
+    learned = example["labels"][n_prompt:]
+    assert learned == answer_ids(tokenizer, "股市") and tokenizer.decode(learned) == "股市<|im_end|>"
+    assert tokenizer.pad_token_id not in learned
+
+
+def test_rendered_prompt_round_trips_through_tokens(tokenizer, prompt_cfg):
+    prompt = classification_prompt(tokenizer, TEXT, LABELS, prompt_cfg)
+    assert tokenizer.decode(encode_text(tokenizer, prompt)) == prompt
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ("股市", "股市"), (" 股市。", "股市"), ("股市<|im_end|>", "股市"),
+    ("<think>\n想一想：货币政策？\n</think>\n\n房地产", "房地产"),
+    ("这条新闻属于：货币政策", "货币政策"), ("「房地产」", "房地产"),
+    ("股市和房地产都有关", None), ("无法判断", None), ("<think>没想完", None),
+])
+def test_reply_maps_back_to_a_label(reply, expected):
+    assert parse_label(reply, LABELS) == expected
+
+
+def test_label_inside_a_longer_label_is_not_ambiguous():
+    assert parse_label("公司债券", ["公司", "公司债券"]) == "公司债券"

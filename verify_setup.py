@@ -1,0 +1,223 @@
+"""Check that this machine can run the toolkit: packages, GPU, disk, model files, data, port, memory fit.
+
+    python verify_setup.py                 # a PASS / WARN / FAIL table with a fix for each problem
+    python verify_setup.py --json          # the same as JSON, for scripts
+    python verify_setup.py --quick         # skip the model-load check (start_production.sh uses this)
+
+Exit status 1 when any line FAILs. No GPU is a WARN: everything runs on a CPU, slowly.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.config import ROOT, ConfigError, add_config_args, config_from_args
+from common.memory import GIB, model_shape, serving_fit
+from common.model_files import check_model_dir
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # PASS | WARN | FAIL
+    detail: str
+    fix: str = ""
+
+
+def check_python() -> Check:
+    v = sys.version_info
+    ok = v >= (3, 10)
+    return Check("python", "PASS" if ok else "FAIL", sys.version.split()[0],
+                 "" if ok else "use Python 3.10 or newer")
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[name.strip()] = version.strip()
+    return pins
+
+
+def check_packages(requirements: Path) -> list[Check]:
+    checks = []
+    for name, pinned in read_pins(requirements).items():
+        try:
+            have = md.version(name)
+        except md.PackageNotFoundError:
+            checks.append(Check(name, "FAIL", "not installed", f"pip install -r {requirements.name}"))
+            continue
+        same = have.split("+")[0] == pinned  # torch 2.13.0+cu128 is the pinned 2.13.0
+        checks.append(Check(name, "PASS" if same else "WARN", have if same else f"{have} (pinned {pinned})",
+                            "" if same else f"pip install -r {requirements.name}"))
+    return checks
+
+
+def nvidia_smi() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def check_accelerator() -> tuple[list[Check], float | None]:
+    """torch's build and device; returns the GPU memory in GiB (None without a GPU)."""
+    import torch
+    build = f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gib = props.total_memory / GIB
+        smi = nvidia_smi()
+        detail = f"{props.name}, {gib:.1f} GiB, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+        return [Check("torch", "PASS", build), Check("gpu", "PASS", detail + (f"; nvidia-smi: {smi}" if smi else ""))], gib
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return [Check("torch", "PASS", build), Check("gpu", "WARN", "Apple MPS: no bitsandbytes quantization",
+                                                     "train with --method lora; serve with quantization none")], None
+    hint = ("nvidia-smi sees a GPU but this torch has no CUDA: install torch's CUDA build (requirements.txt)"
+            if nvidia_smi() else "training and serving run on the CPU, slowly; use a CUDA GPU for the 8B model")
+    return [Check("torch", "PASS", build), Check("gpu", "WARN", "no CUDA or MPS device", hint)], None
+
+
+def check_bitsandbytes() -> Check:
+    try:
+        import common.loading  # noqa: F401  (quiets bitsandbytes' import-time notices)
+        import bitsandbytes as bnb
+        import torch
+    except Exception as e:  # a broken native library raises more than ImportError
+        return Check("bitsandbytes", "FAIL", f"import failed: {e}", "pip install -r requirements.txt")
+    backend = "CUDA" if torch.cuda.is_available() else "CPU"
+    return Check("bitsandbytes", "PASS", f"{bnb.__version__}, {backend} backend (8-bit and 4-bit)")
+
+
+def check_disk(path: Path, min_gb: float) -> Check:
+    free = shutil.disk_usage(path).free / 1e9
+    ok = free >= min_gb
+    return Check("disk", "PASS" if ok else "WARN", f"{free:.0f} GB free at {path}",
+                 "" if ok else f"free at least {min_gb:.0f} GB (verify.min_free_disk_gb)")
+
+
+def check_model(model_dir: Path) -> Check:
+    if not model_dir.exists():
+        return Check("model files", "FAIL", f"{model_dir} does not exist",
+                     "python download_model.py (or --tiny for the CPU demo), or set model.path")
+    findings = check_model_dir(model_dir)
+    fails = [f.message for f in findings if f.level == "fail"]
+    if fails:
+        return Check("model files", "FAIL", f"{model_dir}: " + "; ".join(fails),
+                     "download again: python download_model.py --force (--tiny for the demo model)")
+    warns = [f.message for f in findings if f.level == "warn"]
+    return Check("model files", "WARN" if warns else "PASS",
+                 f"{model_dir}: " + ("; ".join(warns) if warns else "config, every shard, tokenizer, chat template"))
+
+
+def check_model_loads(model_dir: Path) -> Check:
+    """The tokenizer loads and renders the chat template; catches a broken tokenizer early."""
+    try:
+        from common.loading import load_tokenizer
+        tok = load_tokenizer(model_dir)
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # anything here means serving and training would fail the same way
+        return Check("tokenizer", "FAIL", f"{type(e).__name__}: {e}", "download the model again with --force")
+    return Check("tokenizer", "PASS", f"{type(tok).__name__}, {len(tok)} tokens, chat template renders")
+
+
+def check_data(cfg) -> list[Check]:
+    src, processed = cfg.resolve(cfg.data.input), cfg.resolve(cfg.data.processed_dir)
+    checks = [Check("data", "PASS" if src.is_file() else "WARN",
+                    f"{src.relative_to(ROOT) if src.is_relative_to(ROOT) else src}" +
+                    (" present" if src.is_file() else " missing"),
+                    "" if src.is_file() else "point data.input at your CSV/JSON/JSONL, or run data/make_sample_news.py")]
+    ready = (processed / "train.jsonl").is_file()
+    checks.append(Check("prepared data", "PASS" if ready else "WARN",
+                        f"{processed.name}/ {'ready' if ready else 'not prepared yet'}",
+                        "" if ready else "python prepare_data.py"))
+    return checks
+
+
+def check_port(host: str, port: int) -> Check:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return Check("serving port", "WARN", f"{host}:{port} is in use",
+                         "stop what holds it (a running server?) or set PORT / serve.port")
+    return Check("serving port", "PASS", f"{host}:{port} is free")
+
+
+def check_memory_fit(cfg, model_dir: Path, gpu_gib: float | None) -> Check:
+    model_cfg = model_shape(model_dir)
+    if model_cfg is None:
+        return Check("memory fit", "WARN", f"no config.json in {model_dir} and not a known Qwen3 size")
+    quant = "8bit" if cfg.serve.quantization == "auto" else cfg.serve.quantization
+    s = cfg.serve
+    fit = serving_fit(model_cfg, quant, s.max_concurrent, s.max_prompt_tokens + s.max_tokens)
+    card = cfg.verify.gpu_memory_gib or gpu_gib
+    text = f"{model_dir.name} {fit.describe(quant)}"
+    if card is None:
+        return Check("memory fit", "WARN", text + " (no GPU to compare with)", "set verify.gpu_memory_gib to check a card")
+    # an estimate, not a measurement: a small overshoot warns, a clear one fails
+    status = "PASS" if fit.total_gib <= card else "WARN" if fit.total_gib <= 1.1 * card else "FAIL"
+    return Check("memory fit", status, f"{text} vs {card:.1f} GiB",
+                 "" if status == "PASS" else "lower serve.max_concurrent or the token caps, or serve 4bit")
+
+
+def run_checks(cfg, quick: bool) -> list[Check]:
+    model_dir = cfg.resolve(cfg.model.path)
+    checks = [check_python(), *check_packages(ROOT / "requirements.txt")]
+    accel, gpu_gib = check_accelerator()
+    checks += accel + [check_bitsandbytes(), check_disk(ROOT, cfg.verify.min_free_disk_gb), check_model(model_dir)]
+    if not quick and model_dir.exists():
+        checks.append(check_model_loads(model_dir))
+    checks += check_data(cfg) + [check_port(cfg.serve.host, cfg.serve.port),
+                                 check_memory_fit(cfg, model_dir, gpu_gib)]
+    return checks
+
+
+def print_table(checks: list[Check]) -> None:
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"{c.status:<5} {c.name:<{width}}  {c.detail}")
+        if c.fix and c.status != "PASS":
+            print(f"{'':<5} {'':<{width}}  -> {c.fix}")
+    counts = {s: sum(c.status == s for c in checks) for s in ("PASS", "WARN", "FAIL")}
+    print(f"\n{counts['PASS']} passed, {counts['WARN']} warnings, {counts['FAIL']} failed")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+    parser.add_argument("--quick", action="store_true", help="skip loading the tokenizer")
+    parser.add_argument("--model", help="model directory to check (default: model.path)")
+    add_config_args(parser, "verify")
+    args = parser.parse_args(argv)
+    if args.model:
+        args.set.append(f"model.path={args.model}")
+    try:
+        cfg = config_from_args(args, "verify")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    checks = run_checks(cfg, args.quick)
+    if args.json:
+        print(json.dumps([asdict(c) for c in checks], indent=2, ensure_ascii=False))
+    else:
+        print_table(checks)
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
