@@ -12,14 +12,13 @@ A model directory is complete when its manifest.json exists: it is written last.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common.config import ConfigError, add_config_args, config_from_args
+from common.config import ConfigError, add_config_args, config_from_args, stage_parser
 from common.model_files import check_model_dir, write_manifest
 
 # Qwen2/Qwen3 pre-tokenization: digits one at a time, letters with one leading non-letter.
@@ -161,7 +160,7 @@ def download(cfg, force: bool) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser(__doc__)
     parser.add_argument("--tiny", action="store_true", help="build the offline tiny Qwen3 instead of downloading")
     parser.add_argument("--force", action="store_true", help="replace an existing model directory")
     add_config_args(parser, "download")

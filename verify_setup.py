@@ -8,7 +8,6 @@ Exit status 1 when any line FAILs. No GPU is a WARN: everything runs on a CPU, s
 """
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as md
 import json
 import shutil
@@ -18,7 +17,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.config import ROOT, ConfigError, add_config_args, config_from_args
+from common.config import ROOT, ConfigError, add_config_args, config_from_args, stage_parser
 from common.memory import GIB, model_shape, serving_fit
 from common.model_files import check_model_dir
 
@@ -93,9 +92,10 @@ def check_accelerator() -> tuple[list[Check], float | None]:
 
 def check_bitsandbytes() -> Check:
     try:
-        import common.loading  # noqa: F401  (quiets bitsandbytes' import-time notices)
         import bitsandbytes as bnb
         import torch
+
+        import common.loading  # noqa: F401  (quiets bitsandbytes' import-time notices)
     except Exception as e:  # a broken native library raises more than ImportError
         return Check("bitsandbytes", "FAIL", f"import failed: {e}", "pip install -r requirements.txt")
     backend = "CUDA" if torch.cuda.is_available() else "CPU"
@@ -198,14 +198,11 @@ def print_table(checks: list[Check]) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser(__doc__)
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.add_argument("--quick", action="store_true", help="skip loading the tokenizer")
-    parser.add_argument("--model", help="model directory to check (default: model.path)")
-    add_config_args(parser, "verify")
+    add_config_args(parser, "verify", model_help="model directory to check")
     args = parser.parse_args(argv)
-    if args.model:
-        args.set.append(f"model.path={args.model}")
     try:
         cfg = config_from_args(args, "verify")
     except ConfigError as e:

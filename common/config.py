@@ -66,6 +66,54 @@ class TinyConfig:
 class DataConfig:
     input: str
     processed_dir: str
+    text_col: str | None
+    label_col: str | None
+    val_ratio: float
+    test_ratio: float
+    seed: int
+    max_tokens: int
+    overlong: str
+    min_per_class: int
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    run_name: str | None
+    runs_dir: str
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: list[str]
+    modules_to_save: list[str]
+    learning_rate: float
+    lr_scheduler: str
+    warmup_ratio: float
+    weight_decay: float
+    epochs: float
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    group_by_length: bool
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int
+    early_stopping_patience: int
+    eval_max_items: int
+    eval_batch_size: int
+    logging_steps: int
+    seed: int
+    report_to: list[str]
+
+
+@dataclass
+class EvaluateConfig:
+    model: str | None
+    split: str
+    batch_size: int
+    generate: bool
+    max_new_tokens: int
 
 
 @dataclass
@@ -98,6 +146,8 @@ class Config:
     download: DownloadConfig
     tiny: TinyConfig
     data: DataConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
     verify: VerifyConfig
     serve: ServeConfig
     logging: LoggingConfig
@@ -195,12 +245,20 @@ def _field_type(dotted: str):
 def _parse_text(dotted: str, text: str):
     """Text from env, --set or a flag, typed by the key: '8000' -> 8000 for an int, kept for a str."""
     tp = _field_type(dotted)
-    if tp is str or (text not in ("null", "~") and str in typing.get_args(tp)):
+    optional_str = typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+    if tp is str or (optional_str and text not in ("null", "~")):
         return text
+    if typing.get_origin(tp) is list and not text.lstrip().startswith("["):
+        return [_parse_text_item(item) for item in text.split(",") if item.strip()]  # --targets q_proj,v_proj
     try:
         return yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         return text
+
+
+def _parse_text_item(text: str):
+    value = yaml.safe_load(text)
+    return value if value is not None else text.strip()
 
 
 def _read_yaml(path: Path) -> dict:
@@ -247,8 +305,15 @@ def _load_dotenv() -> None:
 
 
 # ----------------------------------------------------------------------------- the CLI glue
-def add_config_args(parser: argparse.ArgumentParser, section: str | None = None) -> None:
-    """--config, --profile, --set, and one flag per key of the stage's own section.
+def stage_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A stage's parser: its module docstring (with the example commands) is the --help text."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_config_args(parser: argparse.ArgumentParser, section: str | None = None,
+                    model_help: str | None = None) -> None:
+    """--config, --profile, --set, one flag per key of the stage's own section, and --model
+    (-> model.path) when the stage reads a model and `model_help` says what for.
 
     The flags default to None ("not given"), so config.yaml stays the single source of defaults;
     --help shows the value config.yaml gives each of them.
@@ -257,6 +322,8 @@ def add_config_args(parser: argparse.ArgumentParser, section: str | None = None)
     parser.add_argument("--profile", help="overlay from config.yaml's profiles ('none' for the plain values)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key, e.g. --set serve.port=9000 (repeatable)")
+    if model_help:
+        parser.add_argument("--model", dest="cfg_model_path", metavar="DIR", help=f"{model_help} (default: model.path)")
     if section is None:
         return
     try:
@@ -267,7 +334,8 @@ def add_config_args(parser: argparse.ArgumentParser, section: str | None = None)
     for f in fields(section_cls):
         tp = typing.get_type_hints(section_cls)[f.name]
         shown = getattr(current, f.name) if current is not None else "?"
-        kwargs = dict(dest=f"cfg__{f.name}", default=None, help=f"default {section}.{f.name}: {shown!r}")
+        kwargs = dict(dest=f"cfg__{f.name}", default=None, help=f"default {section}.{f.name}: {shown!r}",
+                      metavar=None if tp is bool else f.name.upper())
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -283,6 +351,8 @@ def config_from_args(args: argparse.Namespace, section: str | None = None) -> Co
         if not sep:
             raise ConfigError(f"--set expects SECTION.KEY=VALUE, got '{item}'")
         overrides[key.strip()] = _parse_text(key.strip(), value)
+    if getattr(args, "cfg_model_path", None):
+        overrides["model.path"] = args.cfg_model_path
     for name, value in vars(args).items():
         if name.startswith("cfg__") and value is not None:
             dotted = f"{section}.{name[5:]}"

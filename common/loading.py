@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -79,6 +80,8 @@ def quiet_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+# peft still calls the old name; the warning says nothing a user can act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
 quiet_bitsandbytes()  # before anything imports bitsandbytes: the kernels notice comes at import
 
 

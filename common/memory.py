@@ -96,3 +96,50 @@ class ServingFit:
 def serving_fit(cfg: dict, quantization: str, concurrent: int, tokens_each: int) -> ServingFit:
     return ServingFit(weights_gib(cfg, quantization), kv_cache_gib(cfg, concurrent * tokens_each),
                       CUDA_CONTEXT_GIB, concurrent, tokens_each)
+
+
+def _projection_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decoder projection, by module name."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    hd = cfg.get("head_dim") or h // heads
+    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def trainable_params(cfg: dict, r: int, targets: list[str], modules_to_save: list[str]) -> int:
+    shapes = _projection_shapes(cfg)
+    lora = cfg["num_hidden_layers"] * sum(r * (i + o) for name, (i, o) in shapes.items() if name in targets)
+    full = sum(cfg["vocab_size"] * cfg["hidden_size"] for m in modules_to_save if m in ("lm_head", "embed_tokens"))
+    return lora + full
+
+
+@dataclass
+class TrainingFit:
+    weights_gib: float
+    trainable_gib: float     # fp32 weights + grads + Adam moments of what is trained
+    activations_gib: float
+    logits_gib: float
+    overhead_gib: float = CUDA_CONTEXT_GIB
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.trainable_gib + self.activations_gib + self.logits_gib + self.overhead_gib
+
+    def describe(self) -> str:
+        return (f"weights {self.weights_gib:.1f} + trainable {self.trainable_gib:.1f} + activations "
+                f"{self.activations_gib:.1f} + logits {self.logits_gib:.1f} + overhead {self.overhead_gib:.1f} "
+                f"= {self.total_gib:.1f} GiB")
+
+
+def training_fit(cfg: dict, quantization: str, r: int, targets: list[str], modules_to_save: list[str],
+                 batch: int, seq_len: int, answer_len: int, checkpointing: bool) -> TrainingFit:
+    """Peak memory of one LoRA training step, from shapes and the longest batch of the data."""
+    h, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    tokens = batch * seq_len
+    per_layer = tokens * (10 * h + 3 * inter) * 2  # 16-bit tensors autograd keeps for one layer's backward
+    activations = (layers * tokens * h * 2 + per_layer) if checkpointing else layers * per_layer
+    # only the answer positions go through the output head (logits_to_keep), in fp32 with its softmax
+    logits = batch * (answer_len + 1) * cfg["vocab_size"] * 4 * 2
+    return TrainingFit(weights_gib(cfg, quantization), trainable_params(cfg, r, targets, modules_to_save) * 16 / GIB,
+                       activations / GIB, logits / GIB)

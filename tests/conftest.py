@@ -40,3 +40,32 @@ def _no_user_env(monkeypatch):
     from common.config import ENV_KEYS
     for var in [*ENV_KEYS, "QWEN_CONFIG"]:
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tiny_model, tmp_path_factory) -> Path:
+    """data/processed for a 240-item slice of the sample CSV, written by the real prepare_data.py."""
+    base = tmp_path_factory.mktemp("data")
+    lines = (ROOT / "data" / "sample_news.csv").read_text(encoding="utf-8").splitlines()
+    (base / "news.csv").write_text("\n".join(lines[:241]) + "\n", encoding="utf-8")
+    out = base / "processed"
+    proc = run_script("prepare_data.py", "--input", str(base / "news.csv"), "--processed-dir", str(out),
+                      "--model", str(tiny_model))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def train_args(tiny_model, prepared_data, runs_dir, run_name: str, *extra: str) -> list[str]:
+    """train_qwen.py flags for a few-step run of the tiny model, the run kept in a temporary directory."""
+    return ["--model", str(tiny_model), "--set", f"data.processed_dir={prepared_data}",
+            "--runs-dir", str(runs_dir), "--run-name", run_name, "--report-to", "[]", "--max-steps", "4",
+            "--eval-steps", "2", "--save-steps", "2", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model, prepared_data, tmp_path_factory) -> Path:
+    """A 4-step LoRA run of the tiny model (the demo method), made by the real CLI."""
+    runs = tmp_path_factory.mktemp("runs")
+    proc = run_script("train_qwen.py", *train_args(tiny_model, prepared_data, runs, "lora"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs / "lora"

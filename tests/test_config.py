@@ -2,9 +2,9 @@
 import shutil
 
 import pytest
+from conftest import run_script
 
 from common.config import DEFAULT_CONFIG, ConfigError, load_config
-from conftest import run_script
 
 
 @pytest.fixture

@@ -2,8 +2,15 @@
 import pytest
 
 from common.config import load_config
-from common.prompts import (IGNORE_INDEX, answer_ids, build_messages, classification_prompt, encode_example,
-                            encode_text, parse_label)
+from common.prompts import (
+    IGNORE_INDEX,
+    answer_ids,
+    build_messages,
+    classification_prompt,
+    encode_example,
+    encode_text,
+    parse_label,
+)
 
 LABELS = ["货币政策", "股市", "房地产"]
 TEXT = "人民银行宣布下调存款准备金率0.5个百分点。"

@@ -1,0 +1,38 @@
+"""Classification metrics from a confusion matrix; one implementation for training and evaluation."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(y_true: list[str], y_pred: list[str], labels: list[str]) -> np.ndarray:
+    """[true, predicted] counts; a prediction outside `labels` (an invalid generation) counts nowhere."""
+    index = {label: i for i, label in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        if p in index:
+            cm[index[t], index[p]] += 1
+    return cm
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros_like(a, dtype=float), where=b > 0)
+
+
+def classification_metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
+    """accuracy, macro/weighted F1, per-class precision/recall/F1/support, the confusion matrix."""
+    cm = confusion_matrix(y_true, y_pred, labels)
+    tp = np.diag(cm).astype(float)
+    support = np.array([sum(t == label for t in y_true) for label in labels], dtype=float)
+    precision = _safe_div(tp, cm.sum(axis=0).astype(float))
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    present = support > 0  # macro-F1 averages the classes the data holds
+    return {
+        "accuracy": float(tp.sum() / max(len(y_true), 1)),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "weighted_f1": float((f1 * support).sum() / max(support.sum(), 1)),
+        "per_class": {label: {"precision": float(precision[i]), "recall": float(recall[i]),
+                              "f1": float(f1[i]), "support": int(support[i])} for i, label in enumerate(labels)},
+        "confusion_matrix": cm.tolist(),
+        "labels": labels,
+    }

@@ -1,0 +1,10 @@
+"""Terminal output shared by the stages' reports."""
+from __future__ import annotations
+
+import unicodedata
+
+
+def ljust_cols(text: str, width: int) -> str:
+    """Left-justify in terminal columns, where a CJK character takes two."""
+    cols = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    return text + " " * max(width - cols, 0)

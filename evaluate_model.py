@@ -1,0 +1,171 @@
+"""Evaluate a trained adapter (or a merged model) on the test split by label scoring.
+
+    python evaluate_model.py                               # the newest run in models/ on data/processed/test.jsonl
+    python evaluate_model.py --model models/tiny-qwen3-lora --generate     # also free generation + parsing
+    python evaluate_model.py --baseline models/other-run/eval-test/metrics.json   # print the deltas
+
+Every label's log-probability is scored after the prompt (common/scoring.py), so each answer is a
+valid label with a probability. Writes <model>/eval-<split>/: metrics.json (accuracy, macro-F1,
+weighted-F1, per-class precision/recall/F1/support, confusion matrix), predictions.jsonl and
+confusion_matrix.png; prints a per-class table, items/s and latency.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError, add_config_args, config_from_args, stage_parser
+from common.loading import load_model, load_tokenizer
+from common.metrics import classification_metrics
+from common.prompts import classification_prompt, encode_text, parse_label
+from common.scoring import score_labels
+from common.terminal import ljust_cols
+from train_qwen import read_jsonl
+
+
+def newest_run(models_dir: Path) -> Path:
+    """The most recently finished training run (train_info.json is the last file a run writes)."""
+    runs = sorted(models_dir.glob("*/train_info.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise ConfigError(f"no trained run in {models_dir}; run python train_qwen.py, or pass --model")
+    return runs[-1].parent
+
+
+def read_labels(model_dir: Path, processed: Path) -> list[str]:
+    for path in (model_dir / "labels.json", processed / "labels.json"):
+        if path.is_file():
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if info.get("task", "classification") == "classification" and info.get("labels"):
+                return info["labels"]
+    raise ConfigError(f"no classification labels.json in {model_dir} or {processed}")
+
+
+@torch.no_grad()
+def generate_labels(model, tokenizer, prompts: list[str], labels: list[str], batch_size: int,
+                    max_new_tokens: int) -> list[str | None]:
+    """Greedy generation and parsing: what a client asking for free text would get."""
+    tokenizer.padding_side = "left"
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**batch.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += [parse_label(t, labels) for t in texts]
+    return out
+
+
+def save_confusion_png(cm: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    """A heat map; tick labels are the label names when a CJK font is installed, else their numbers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+    cjk = [f.name for f in font_manager.fontManager.ttflist
+           if any(k in f.name for k in ("CJK", "WenQuanYi", "Hei", "YaHei", "PingFang", "Source Han"))]
+    names = labels if cjk or all(label.isascii() for label in labels) else [str(i) for i in range(len(labels))]
+    if cjk:
+        plt.rcParams["font.family"] = cjk[0]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(labels), 1.0 + 0.6 * len(labels)))
+    ax.imshow(cm, cmap="Blues")
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > max(map(max, cm)) / 2 else "black")
+    ax.set_xticks(range(len(labels)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), names)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(m: dict, baseline: dict | None) -> None:
+    print(f"{'label':<12} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}" + ("  Δf1" if baseline else ""))
+    for label, c in m["per_class"].items():
+        delta = ""
+        if baseline and label in baseline.get("per_class", {}):
+            delta = f"  {c['f1'] - baseline['per_class'][label]['f1']:+.3f}"
+        print(f"{ljust_cols(label, 12)} {c['precision']:>9.3f} {c['recall']:>7.3f} {c['f1']:>6.3f} {c['support']:>8}{delta}")
+    for key in ("accuracy", "macro_f1", "weighted_f1"):
+        delta = f"  ({m[key] - baseline[key]:+.3f} vs baseline)" if baseline and key in baseline else ""
+        print(f"{key:<12} {m[key]:.4f}{delta}")
+
+
+def evaluate(cfg, args) -> dict:
+    e, processed = cfg.evaluate, cfg.resolve(cfg.data.processed_dir)
+    model_dir = cfg.resolve(e.model) if e.model else newest_run(cfg.resolve(cfg.train.runs_dir))
+    split_path = processed / f"{e.split}.jsonl"
+    if not split_path.is_file():
+        raise ConfigError(f"{split_path} not found; run python prepare_data.py first")
+    labels = read_labels(model_dir, processed)
+    records = read_jsonl(split_path)
+    unknown = sorted({r["label"] for r in records} - set(labels))
+    if unknown:
+        raise ConfigError(f"{split_path.name} has labels the model was not trained on: {', '.join(unknown)}")
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir).eval()
+    prompts = [classification_prompt(tokenizer, r["text"], labels, cfg.prompt) for r in records]
+    from tqdm import tqdm
+    start = time.time()
+    with tqdm(total=len(prompts), desc="scoring", unit="item") as bar:
+        scores = score_labels(model, tokenizer, prompts, labels, e.batch_size, progress=bar)
+    seconds = time.time() - start
+    idx, conf = scores.best()
+    predicted = [labels[i] for i in idx]
+    truth = [r["label"] for r in records]
+    metrics = classification_metrics(truth, predicted, labels)
+    metrics.update(model=str(model_dir), split=e.split, items=len(records), seconds=round(seconds, 2),
+                   items_per_second=round(len(records) / seconds, 1),
+                   ms_per_item=round(1000 * seconds / len(records), 1),
+                   prompt_tokens_mean=round(sum(len(encode_text(tokenizer, p)) for p in prompts) / len(prompts), 1))
+    if e.generate:
+        start = time.time()
+        generated = generate_labels(model, tokenizer, prompts, labels, e.batch_size, e.max_new_tokens)
+        gen_seconds = time.time() - start
+        metrics["generation"] = {**classification_metrics(truth, generated, labels),
+                                 "invalid_rate": sum(g is None for g in generated) / len(generated),
+                                 "ms_per_item": round(1000 * gen_seconds / len(records), 1)}
+    out_dir = Path(args.output_dir) if args.output_dir else model_dir / f"eval-{e.split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
+        for r, p, c in zip(records, predicted, conf):
+            f.write(json.dumps({"text": r["text"], "label": r["label"], "predicted": p, "probability": round(c, 4)},
+                               ensure_ascii=False) + "\n")
+    save_confusion_png(metrics["confusion_matrix"], labels, out_dir / "confusion_matrix.png",
+                       f"{model_dir.name} on {e.split}: macro-F1 {metrics['macro_f1']:.3f}")
+    metrics["output_dir"] = str(out_dir)
+    return metrics
+
+
+def main(argv=None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--baseline", help="another metrics.json to print the differences against")
+    parser.add_argument("--output-dir", help="where to write (default: <model>/eval-<split>/)")
+    add_config_args(parser, "evaluate")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args, "evaluate")
+        baseline = json.loads(Path(args.baseline).read_text(encoding="utf-8")) if args.baseline else None
+        m = evaluate(cfg, args)
+    except (ConfigError, OSError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print_table(m, baseline)
+    print(f"\nlabel scoring: {m['items']} items in {m['seconds']:.1f}s = {m['items_per_second']} items/s, "
+          f"{m['ms_per_item']} ms/item (mean prompt {m['prompt_tokens_mean']} tokens)")
+    if "generation" in m:
+        g = m["generation"]
+        print(f"generation:    macro-F1 {g['macro_f1']:.4f}, invalid outputs {100 * g['invalid_rate']:.1f}%, "
+              f"{g['ms_per_item']} ms/item")
+    print(f"wrote {m['output_dir']}/ (metrics.json, predictions.jsonl, confusion_matrix.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

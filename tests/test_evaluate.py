@@ -1,0 +1,50 @@
+"""evaluate_model.py and the metrics it shares with training."""
+import json
+
+import pytest
+from conftest import run_script
+
+from common.metrics import classification_metrics
+
+
+def test_metrics_against_a_hand_computed_confusion_matrix():
+    truth = ["a", "a", "a", "b", "b", "c"]
+    pred = ["a", "a", "b", "b", "c", "c"]
+    m = classification_metrics(truth, pred, ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # a: P 2/2 R 2/3 F1 .8; b: P 1/2 R 1/2 F1 .5; c: P 1/2 R 1/1 F1 2/3
+    assert m["per_class"]["a"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert m["weighted_f1"] == pytest.approx((0.8 * 3 + 0.5 * 2 + 2 / 3 * 1) / 6)
+
+
+def test_invalid_predictions_count_as_wrong():
+    m = classification_metrics(["a", "b"], [None, "b"], ["a", "b"])
+    assert m["accuracy"] == 0.5 and m["per_class"]["a"]["recall"] == 0.0
+
+
+def test_evaluate_cli_writes_metrics_png_and_predictions(trained_run, prepared_data, tmp_path):
+    out = tmp_path / "eval"
+    proc = run_script("evaluate_model.py", "--model", str(trained_run), "--set", f"data.processed_dir={prepared_data}",
+                      "--output-dir", str(out), "--generate", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    labels = json.loads((prepared_data / "labels.json").read_text())["labels"]
+    assert len(preds) == m["items"] == len((prepared_data / "test.jsonl").read_text().splitlines())
+    assert all(p["predicted"] in labels and 0 < p["probability"] <= 1 for p in preds)  # always a valid label
+    again = classification_metrics([p["label"] for p in preds], [p["predicted"] for p in preds], labels)
+    assert again["macro_f1"] == pytest.approx(m["macro_f1"]) and again["confusion_matrix"] == m["confusion_matrix"]
+    assert 0 <= m["generation"]["invalid_rate"] <= 1
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "macro_f1" in proc.stdout and "items/s" in proc.stdout
+    base = run_script("evaluate_model.py", "--model", str(trained_run), "--set", f"data.processed_dir={prepared_data}",
+                      "--output-dir", str(tmp_path / "again"), "--baseline", str(out / "metrics.json"))
+    assert base.returncode == 0 and "vs baseline" in base.stdout
+
+
+def test_evaluate_without_a_run_says_what_to_do(prepared_data, tmp_path):
+    proc = run_script("evaluate_model.py", "--set", f"data.processed_dir={prepared_data}",
+                      "--set", f"train.runs_dir={tmp_path}")
+    assert proc.returncode == 1 and "python train_qwen.py" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,344 @@
+"""LoRA / QLoRA fine-tuning of a Qwen3 model on data/processed (prepare_data.py's output).
+
+    python train_qwen.py                                   # config.yaml's train section -> models/<run>/
+    python train_qwen.py --method qlora --run-name news-qlora --learning-rate 1e-4
+    python train_qwen.py --resume                          # continue the newest run from its last checkpoint
+    accelerate launch --num_processes 2 train_qwen.py      # the same script on several GPUs (DDP)
+
+Writes models/<run>/: the best adapter (safetensors), tokenizer + chat template, labels.json,
+config.resolved.yaml, train_info.json (data hash, figures, best metric; written last) and
+checkpoints/; JSON-lines log in logs/train_qwen.jsonl; TensorBoard in logs/tensorboard/<run>/.
+The loss sees only the answer tokens (label + <|im_end|>), through the prompt contract.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from common.config import ConfigError, add_config_args, config_from_args, stage_parser
+from common.loading import load_tokenizer, pick_device, pick_dtype, quantization_config
+from common.memory import model_shape, training_fit
+from common.metrics import classification_metrics
+from common.prompts import IGNORE_INDEX, classification_prompt, encode_example, render_prompt
+from common.scoring import score_labels
+
+METHOD_QUANT = {"lora": "none", "qlora": "4bit", "lora8": "8bit"}
+log = None  # set in main(), once logging is configured
+
+
+# ----------------------------------------------------------------------------- data
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_prepared(processed: Path) -> tuple[dict, dict[str, list[dict]]]:
+    """labels.json and the train/val splits; a clear error when prepare_data.py has not run."""
+    needed = [processed / n for n in ("labels.json", "train.jsonl", "val.jsonl")]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{processed} lacks {', '.join(missing)}; run python prepare_data.py first")
+    info = json.loads((processed / "labels.json").read_text(encoding="utf-8"))
+    return info, {s: read_jsonl(processed / f"{s}.jsonl") for s in ("train", "val")}
+
+
+def prompt_and_answer(tokenizer, record: dict, labels: list[str], pcfg) -> tuple[str, str]:
+    """The prompt contract for both kinds of data: a text+label item or a chat `messages` record."""
+    if "messages" in record:
+        return render_prompt(tokenizer, record["messages"][:-1], pcfg.enable_thinking), record["messages"][-1]["content"]
+    return classification_prompt(tokenizer, record["text"], labels, pcfg), record["label"]
+
+
+def encode_records(tokenizer, records: list[dict], labels: list[str], pcfg) -> list[dict]:
+    return [encode_example(tokenizer, *prompt_and_answer(tokenizer, r, labels, pcfg)) for r in records]
+
+
+def data_hash(processed: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("labels.json", "train.jsonl", "val.jsonl"):
+        h.update((processed / name).read_bytes())
+    return h.hexdigest()
+
+
+class LeftPadCollator:
+    """Left padding puts every answer at the end of its row, so the output head runs only on the
+    last few positions (logits_to_keep). Counts real and padded tokens for the padding ratio."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id, self.real, self.total = pad_id, 0, 0
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": torch.full((len(features), width), self.pad_id),
+                 "labels": torch.full((len(features), width), IGNORE_INDEX),
+                 "attention_mask": torch.zeros((len(features), width), dtype=torch.long)}
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            batch["input_ids"][i, width - n:] = torch.tensor(f["input_ids"])
+            batch["labels"][i, width - n:] = torch.tensor(f["labels"])
+            batch["attention_mask"][i, width - n:] = 1
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        self.real += int(batch["attention_mask"].sum())
+        self.total += batch["attention_mask"].numel()
+        return batch
+
+    @property
+    def padding_ratio(self) -> float:
+        return 1 - self.real / self.total if self.total else 0.0
+
+
+# ----------------------------------------------------------------------------- the trainer
+def make_trainer_class():
+    from transformers import Trainer
+
+    class AnswerOnlyTrainer(Trainer):
+        """Loss over the answer positions only, and label-scoring metrics at each evaluation."""
+
+        def __init__(self, *args, val_records=None, labels=None, prompt_cfg=None, eval_batch_size=8, **kw):
+            super().__init__(*args, **kw)
+            self.model_accepts_loss_kwargs = False  # mean loss per micro-batch; Trainer scales for accumulation
+            self.val_records, self.label_set, self.prompt_cfg = val_records or [], labels or [], prompt_cfg
+            self.score_batch_size = eval_batch_size
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            answer_start = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())  # earliest answer token
+            keep = labels.shape[1] - answer_start + 1  # +1: the position that predicts the first answer token
+            logits = model(**inputs, logits_to_keep=keep).logits.float()            # [B, keep, V]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, -keep + 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
+            if self.label_set and self.val_records:
+                output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.label_metrics().items()})
+            return output
+
+        def label_metrics(self) -> dict[str, float]:
+            tok = self.processing_class
+            prompts = [classification_prompt(tok, r["text"], self.label_set, self.prompt_cfg) for r in self.val_records]
+            was_training = self.model.training
+            self.model.eval()
+            scores = score_labels(self.model, tok, prompts, self.label_set, self.score_batch_size)
+            self.model.train(was_training)
+            predicted = [self.label_set[i] for i in scores.best()[0]]
+            m = classification_metrics([r["label"] for r in self.val_records], predicted, self.label_set)
+            return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+
+    return AnswerOnlyTrainer
+
+
+# ----------------------------------------------------------------------------- the model
+def build_model(model_path: Path, tcfg, device: str):
+    """The base in the method's precision with LoRA adapters on the target projections."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    quant = METHOD_QUANT[tcfg.method]
+    dtype = pick_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, quantization_config=quantization_config(quant, dtype),
+        device_map={"": device} if quant != "none" else None, low_cpu_mem_usage=True)
+    model.config.use_cache = False  # the cache is useless in training and costs memory
+    if tcfg.gradient_checkpointing:
+        # instead of peft's prepare_model_for_kbit_training, which upcasts the 16-bit embedding and
+        # output head to fp32 (+2.3 GiB on the 8B): only make the inputs require grad for checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=tcfg.lora_r, lora_alpha=tcfg.lora_alpha, lora_dropout=tcfg.lora_dropout,
+                      target_modules=tcfg.target_modules, modules_to_save=tcfg.modules_to_save or None,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def check_memory(model_path: Path, tcfg, encoded: list[dict], device: str) -> str:
+    """Estimate the peak of the longest batch; on a GPU, refuse a run that cannot fit, saying what would."""
+    shape = model_shape(model_path)
+    seq = max(len(e["input_ids"]) for e in encoded)
+    answer = max(sum(x != IGNORE_INDEX for x in e["labels"]) for e in encoded)
+    fit = training_fit(shape, METHOD_QUANT[tcfg.method], tcfg.lora_r, tcfg.target_modules, tcfg.modules_to_save,
+                       tcfg.batch_size, seq, answer, tcfg.gradient_checkpointing)
+    text = f"memory estimate for {tcfg.method}, batch {tcfg.batch_size} x {seq} tokens: {fit.describe()}"
+    if device != "cuda":
+        return text
+    free = torch.cuda.mem_get_info()[0] / 1024**3
+    if fit.total_gib <= free:
+        return f"{text} (free {free:.1f} GiB)"
+    if tcfg.method == "lora":
+        hint = "use --method qlora (4-bit base)"
+    elif not tcfg.gradient_checkpointing:
+        hint = "turn on --gradient-checkpointing"
+    else:
+        hint = f"lower --batch-size (raise --grad-accum to keep the effective batch {tcfg.batch_size * tcfg.grad_accum})"
+    raise ConfigError(f"{text} does not fit the {free:.1f} GiB free on the GPU; {hint}")
+
+
+# ----------------------------------------------------------------------------- the run
+def run_paths(cfg, args) -> tuple[Path, str | None]:
+    """The run directory and, with --resume, its newest checkpoint; never clobbers a run silently."""
+    t = cfg.train
+    run_dir = cfg.resolve(t.runs_dir) / (t.run_name or f"{Path(cfg.model.path).name}-{t.method}")
+    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if args.resume:
+        if not checkpoints:
+            raise ConfigError(f"--resume: {run_dir} has no checkpoint to continue from")
+        return run_dir, str(checkpoints[-1])
+    if run_dir.exists() and not args.force:
+        raise ConfigError(f"{run_dir} already exists; pass --resume to continue it, --run-name NEW for "
+                          f"another run, or --force to replace it")
+    return run_dir, None
+
+
+def training_arguments(cfg, run_dir: Path, device: str, classification: bool):
+    from transformers import TrainingArguments
+    t, dtype = cfg.train, pick_dtype(device)
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), seed=t.seed, data_seed=t.seed,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, num_train_epochs=t.epochs, max_steps=t.max_steps,
+        eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, load_best_model_at_end=True,
+        metric_for_best_model="macro_f1" if classification else "loss", greater_is_better=classification,
+        logging_steps=t.logging_steps, report_to=t.report_to or "none",
+        bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu", train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        remove_unused_columns=False, prediction_loss_only=True, ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+    )
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024**3
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
+
+
+def save_run(trainer, run_dir: Path, cfg, processed: Path, info: dict) -> None:
+    """The best adapter and everything needed to reproduce and use it; train_info.json goes last."""
+    trainer.model.save_pretrained(run_dir)
+    adapter_cfg = run_dir / "adapter_config.json"
+    a = json.loads(adapter_cfg.read_text())
+    a["base_model_name_or_path"] = cfg.model.path  # as config.yaml names it: the repo can move
+    adapter_cfg.write_text(json.dumps(a, indent=2))
+    trainer.processing_class.save_pretrained(run_dir)
+    (run_dir / "labels.json").write_bytes((processed / "labels.json").read_bytes())
+    (run_dir / "config.resolved.yaml").write_text(
+        yaml.safe_dump(dataclasses.asdict(cfg), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    (run_dir / "history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    (run_dir / "train_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
+
+
+def make_log_callback():
+    from transformers import TrainerCallback
+
+    class JsonLog(TrainerCallback):
+        """Every Trainer log line (loss, lr, eval metrics) also goes to logs/train_qwen.jsonl."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                log.debug("step %d", state.global_step, extra={"step": state.global_step, **logs})
+
+    return JsonLog()
+
+
+def train(cfg, args) -> dict:
+    from transformers import EarlyStoppingCallback
+    t, device = cfg.train, pick_device()
+    if t.method not in METHOD_QUANT:
+        raise ConfigError(f"train.method must be one of {', '.join(METHOD_QUANT)}, got '{t.method}'")
+    import importlib.util
+    for reporter in t.report_to:
+        if importlib.util.find_spec(reporter) is None:
+            raise ConfigError(f"train.report_to names {reporter}, which is not installed: pip install {reporter}")
+    model_path, processed = cfg.resolve(cfg.model.path), cfg.resolve(cfg.data.processed_dir)
+    if not (model_path / "config.json").is_file():
+        raise ConfigError(f"no model at {model_path}; run python download_model.py (--tiny for the CPU demo)")
+    run_dir, resume_from = run_paths(cfg, args)
+    info, splits = load_prepared(processed)
+    labels = info["labels"] if info.get("task") == "classification" else []
+    tokenizer = load_tokenizer(model_path)
+    encoded = {s: encode_records(tokenizer, recs, labels, cfg.prompt) for s, recs in splits.items()}
+    log.info(check_memory(model_path, t, encoded["train"], device))
+    if resume_from is None and run_dir.exists():
+        import shutil
+        shutil.rmtree(run_dir)  # --force, checked in run_paths
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.resolve(cfg.logging.dir) / "tensorboard" / run_dir.name))
+    model = build_model(model_path, t, device)
+    for p in model.parameters():  # adapters and saved modules train in fp32, whatever the base dtype
+        if p.requires_grad:
+            p.data = p.data.float()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("trainable parameters: %s (%.2f%% of %s)", f"{n_train:,}",
+             100 * n_train / sum(p.numel() for p in model.parameters()), f"{sum(p.numel() for p in model.parameters()):,}")
+    rng = __import__("random").Random(t.seed)
+    val_sample = rng.sample(splits["val"], min(t.eval_max_items, len(splits["val"]))) if labels else []
+    collator = LeftPadCollator(tokenizer.pad_token_id)
+    trainer = make_trainer_class()(
+        model=model, args=training_arguments(cfg, run_dir, device, bool(labels)), train_dataset=encoded["train"],
+        eval_dataset=encoded["val"], data_collator=collator, processing_class=tokenizer,
+        callbacks=[make_log_callback()] + ([EarlyStoppingCallback(t.early_stopping_patience)]
+                                           if t.early_stopping_patience > 0 else []),
+        val_records=val_sample, labels=labels, prompt_cfg=cfg.prompt, eval_batch_size=t.eval_batch_size)
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.time() - start
+    final = trainer.evaluate()
+    figures = {
+        "base_model": cfg.model.path, "method": t.method, "data_sha256": data_hash(processed),
+        "task": info.get("task"), "labels": labels, "global_step": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric,
+        "final_eval": final, "train_seconds": round(seconds, 1),
+        "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1),
+        "samples_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 2),
+        "padding_ratio": round(collator.padding_ratio, 4), "trainable_parameters": n_train,
+        "peak_memory_gib": round(peak_memory_gib(device), 2), "device": device,
+    }
+    if trainer.is_world_process_zero():
+        save_run(trainer, run_dir, cfg, processed, figures)
+    return figures | {"run_dir": str(run_dir)}
+
+
+def main(argv=None) -> int:
+    global log
+    parser = stage_parser(__doc__)
+    parser.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    parser.add_argument("--force", action="store_true", help="replace an existing run directory")
+    add_config_args(parser, "train", model_help="base model directory")
+    args = parser.parse_args(argv)
+    from common.logs import setup_logging
+    try:
+        cfg = config_from_args(args, "train")
+        log = setup_logging("train_qwen", cfg.resolve(cfg.logging.dir), cfg.logging.level)
+        figures = train(cfg, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate/torchrun, rank 0 reports for all
+        return 0
+    ev = figures["final_eval"]
+    score = f"macro-F1 {ev['eval_macro_f1']:.3f}, accuracy {ev['eval_accuracy']:.3f}" if "eval_macro_f1" in ev \
+        else f"loss {ev['eval_loss']:.4f}"
+    print(f"\ntrained {figures['global_step']} steps in {figures['train_seconds']:.0f}s: "
+          f"{figures['tokens_per_second']:.0f} tokens/s, {figures['samples_per_second']:.1f} samples/s, "
+          f"padding {100 * figures['padding_ratio']:.1f}%, peak memory {figures['peak_memory_gib']:.2f} GiB")
+    print(f"best on val: {score} ({figures['best_checkpoint']})")
+    print(f"wrote {figures['run_dir']}/ (adapter, tokenizer, labels.json, config.resolved.yaml, train_info.json)")
+    return 0 if not math.isnan(ev.get("eval_loss", 0.0)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
