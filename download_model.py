@@ -12,14 +12,12 @@ A model directory is complete when its manifest.json exists: it is written last.
 """
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from common.config import ConfigError, add_config_args, config_from_args, stage_parser
-from common.model_files import check_model_dir, write_manifest
+from common.model_files import check_model_dir, save_atomically, write_manifest
 
 # Qwen2/Qwen3 pre-tokenization: digits one at a time, letters with one leading non-letter.
 QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -96,22 +94,6 @@ def build_tiny_model(tcfg):
     model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
                                                pad_token_id=151643, do_sample=False)
     return model
-
-
-def save_atomically(target: Path, write, force: bool) -> None:
-    """Write into a temporary directory beside `target`, then rename: never a half-written model."""
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is read by other users and services
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_tiny(cfg, force: bool) -> Path:

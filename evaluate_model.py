@@ -21,18 +21,11 @@ import torch
 from common.config import ConfigError, add_config_args, config_from_args, stage_parser
 from common.loading import load_model, load_tokenizer
 from common.metrics import classification_metrics
+from common.model_files import newest_run
 from common.prompts import classification_prompt, encode_text, parse_label
 from common.scoring import score_labels
 from common.terminal import ljust_cols
 from train_qwen import read_jsonl
-
-
-def newest_run(models_dir: Path) -> Path:
-    """The most recently finished training run (train_info.json is the last file a run writes)."""
-    runs = sorted(models_dir.glob("*/train_info.json"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise ConfigError(f"no trained run in {models_dir}; run python train_qwen.py, or pass --model")
-    return runs[-1].parent
 
 
 def read_labels(model_dir: Path, processed: Path) -> list[str]:
@@ -152,7 +145,7 @@ def main(argv=None) -> int:
         cfg = config_from_args(args, "evaluate")
         baseline = json.loads(Path(args.baseline).read_text(encoding="utf-8")) if args.baseline else None
         m = evaluate(cfg, args)
-    except (ConfigError, OSError, json.JSONDecodeError) as e:
+    except (ConfigError, OSError, json.JSONDecodeError) as e:  # FileNotFoundError: no run yet
         print(f"error: {e}", file=sys.stderr)
         return 1
     print()

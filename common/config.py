@@ -123,13 +123,47 @@ class VerifyConfig:
 
 
 @dataclass
+class MergeConfig:
+    adapter: str | None
+    output: str | None
+    shard_size: str
+    tolerance: float
+    verify_items: int
+
+
+@dataclass
+class QuantizeConfig:
+    model: str | None
+    bits: int
+    output: str | None
+    compare_items: int
+
+
+@dataclass
 class ServeConfig:
     host: str
     port: int
+    model: str | None
+    adapter: str | None
+    served_model_name: str | None
     quantization: str
     max_concurrent: int
-    max_prompt_tokens: int
+    max_queue: int
+    max_queue_wait_s: float
+    request_timeout_s: float
     max_tokens: int
+    default_max_tokens: int
+    max_prompt_tokens: int
+    max_body_bytes: int
+    max_stop: int
+    rate_limits: str
+    global_rate_limit: str
+    rate_limit_storage: str
+    trusted_proxies: int
+    batch_wait_ms: float
+    log_prompts: bool
+    workers: int
+    graceful_timeout_s: float
 
 
 @dataclass
@@ -148,6 +182,8 @@ class Config:
     data: DataConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    merge: MergeConfig
+    quantize: QuantizeConfig
     verify: VerifyConfig
     serve: ServeConfig
     logging: LoggingConfig
@@ -161,9 +197,17 @@ class Config:
 # Deployment knobs that the environment (or .env) may set; documented in .env.example.
 ENV_KEYS = {
     "QWEN_PROFILE": "profile",
-    "MODEL_PATH": "model.path",
+    "MODEL_PATH": "serve.model",
+    "ADAPTER_PATH": "serve.adapter",
     "HOST": "serve.host",
     "PORT": "serve.port",
+    "WORKERS": "serve.workers",
+    "QUANTIZATION": "serve.quantization",
+    "MAX_CONCURRENT": "serve.max_concurrent",
+    "MAX_QUEUE": "serve.max_queue",
+    "RATE_LIMITS": "serve.rate_limits",
+    "RATE_LIMIT_STORAGE": "serve.rate_limit_storage",
+    "TRUSTED_PROXIES": "serve.trusted_proxies",
     "LOG_LEVEL": "logging.level",
 }
 

@@ -7,7 +7,9 @@ stage writes last (files and sizes) marks a directory whose writing finished.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,3 +117,27 @@ def write_manifest(model_dir: str | Path, **info) -> Path:
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info, "files": files}
     (d / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return d / MANIFEST
+
+
+def save_atomically(target: Path, write, force: bool) -> None:
+    """Write into a temporary directory beside `target`, then rename: never a half-written model."""
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is read by other users and services
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def newest_run(runs_dir: Path) -> Path:
+    """The most recently finished training run (train_info.json is the last file a run writes)."""
+    runs = sorted(Path(runs_dir).glob("*/train_info.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"no trained run in {runs_dir}; run python train_qwen.py, or pass --model")
+    return runs[-1].parent
