@@ -209,6 +209,7 @@ ENV_KEYS = {
     "RATE_LIMIT_STORAGE": "serve.rate_limit_storage",
     "TRUSTED_PROXIES": "serve.trusted_proxies",
     "LOG_LEVEL": "logging.level",
+    "LOGS_DIR": "logging.dir",
 }
 
 
@@ -327,8 +328,7 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
     profiles = raw.pop("profiles", None) or {}
     for name, overlay in profiles.items():  # a typo in any profile is an error, selected or not
         _build(Config, _deep_merge(raw, overlay or {}), "")
-    env = {dotted: _parse_text(dotted, os.environ[var]) for var, dotted in ENV_KEYS.items()
-           if use_env and os.environ.get(var, "") != ""}
+    env = _env_overrides() if use_env else {}
     if profile is not None:
         env["profile"] = profile
     chosen = env.get("profile", raw.get("profile"))
@@ -340,6 +340,22 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
         _set_dotted(raw, dotted, value)
     raw["profile"] = None if chosen == "none" else chosen
     return _build(Config, raw, "")
+
+
+def _env_overrides() -> dict[str, object]:
+    """The named variables (ENV_KEYS), and QWEN_<SECTION>_<KEY> for any key (QWEN_SERVE_MAX_QUEUE=20)."""
+    out = {dotted: _parse_text(dotted, os.environ[var]) for var, dotted in ENV_KEYS.items()
+           if os.environ.get(var, "") != ""}
+    sections = {f.name for f in fields(Config) if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])}
+    for var, text in os.environ.items():
+        if not var.startswith("QWEN_") or var in ENV_KEYS or var == "QWEN_CONFIG" or text == "":
+            continue
+        section, _, key = var[5:].lower().partition("_")
+        if section not in sections:
+            raise ConfigError(f"environment variable {var}: no config section '{section}' "
+                              f"(QWEN_<SECTION>_<KEY>, sections: {', '.join(sorted(sections))})")
+        out[f"{section}.{key}"] = _parse_text(f"{section}.{key}", text)
+    return out
 
 
 def _load_dotenv() -> None:

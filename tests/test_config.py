@@ -63,3 +63,13 @@ def test_cli_flags_and_errors(config_copy):
     config_copy.write_text(config_copy.read_text().replace("  level: INFO", "  level: INFO\n  colour: true"))
     proc = run_script("verify_setup.py", "--config", str(config_copy))
     assert proc.returncode == 1 and "unknown config key 'logging.colour'" in proc.stderr
+
+
+def test_any_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("QWEN_SERVE_REQUEST_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("QWEN_TRAIN_TARGET_MODULES", "q_proj,v_proj")
+    cfg = load_config()
+    assert cfg.serve.request_timeout_s == 0.5 and cfg.train.target_modules == ["q_proj", "v_proj"]
+    monkeypatch.setenv("QWEN_SERVER_PORT", "1")
+    with pytest.raises(ConfigError, match="QWEN_SERVER_PORT: no config section 'server'"):
+        load_config()

@@ -1,0 +1,279 @@
+"""Batched generation for the server: one scheduler thread owns the model; requests never call it.
+
+Concurrent requests share one forward pass per decode step (continuous batching): a request that
+arrives mid-flight is prefilled and joins the running batch at the next step boundary (its KV cache
+left-padded to the batch's length), and a finished row leaves it. Admission is bounded: at most
+`max_concurrent` rows decode at once and `max_queue` wait; beyond that `submit` raises QueueFull.
+A row's deadline is checked every step, so a timed-out generation really stops and frees its slot.
+Label scoring (common/scoring.py) runs on the same thread, between decode steps.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from common.scoring import score_labels
+
+log = logging.getLogger("serve.engine")
+
+
+class QueueFull(Exception):
+    """Every slot and every queue place is taken."""
+
+
+class Draining(Exception):
+    """The server is shutting down and admits nothing new."""
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    deadline: float                      # time.monotonic() after which the generation stops
+    temperature: float = 0.0             # 0 = greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    events: queue.Queue | None = None    # ("delta", text) ... ("done", None), for streaming
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0                     # characters of `text` already streamed
+    finish_reason: str | None = None     # stop | length | timeout | cancelled | queue_timeout | error
+    cancelled: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class ScoreRequest:
+    prompts: list[str]
+    labels: list[str]
+    deadline: float
+    logprobs: torch.Tensor | None = None
+    finish_reason: str | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+    """One token from a row of logits: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p   # the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _left_pad_cache(cache, mask: torch.Tensor, width: int):
+    """Left-pad a DynamicCache and its attention mask along time to `width` positions."""
+    pad = width - mask.shape[1]
+    if pad == 0:
+        return mask
+    for layer in cache.layers:
+        zeros = layer.keys.new_zeros(*layer.keys.shape[:2], pad, layer.keys.shape[3])
+        layer.keys, layer.values = torch.cat([zeros, layer.keys], 2), torch.cat([zeros, layer.values], 2)
+    return torch.cat([mask.new_zeros(mask.shape[0], pad), mask], 1)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_concurrent: int, max_queue: int, max_queue_wait_s: float,
+                 batch_wait_ms: float = 5.0, eos_ids: list[int] | None = None):
+        self.model, self.tok = model, tokenizer
+        self.max_concurrent, self.max_queue = max_concurrent, max_queue
+        self.max_queue_wait_s, self.batch_wait_s = max_queue_wait_s, batch_wait_ms / 1000
+        self.eos_ids = set(eos_ids or [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id])
+        self.device = model.get_input_embeddings().weight.device
+        self.pending: list[GenRequest | ScoreRequest] = []
+        self.rows: list[GenRequest] = []          # the running batch, in cache order
+        self.cache = self.mask = self.pos = self.last = None
+        self.wake = threading.Condition()  # guards pending and admitted; re-entrant (an RLock inside)
+        self.draining = False
+        self.decode_steps = 0
+        # admitted counts every request from submit to finish: waiting, prefilling or decoding
+        self.admitted = self.peak_admitted = 0
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ what request threads call
+    def submit(self, req: GenRequest | ScoreRequest) -> None:
+        with self.wake:
+            if self.draining:
+                raise Draining()
+            if self.admitted >= self.max_concurrent + self.max_queue:
+                raise QueueFull()
+            self.pending.append(req)
+            self.admitted += 1
+            self.peak_admitted = max(self.peak_admitted, self.admitted)
+            self.wake.notify()
+
+    def load(self) -> tuple[int, int]:
+        """(in flight, waiting): decoding rows, and the rest of what is admitted."""
+        with self.wake:
+            return len(self.rows), self.admitted - len(self.rows)
+
+    def drain(self) -> None:
+        with self.wake:
+            self.draining = True
+
+    def idle(self) -> bool:
+        return self.load() == (0, 0)
+
+    # ------------------------------------------------------------------ the scheduler thread
+    def _loop(self) -> None:
+        while True:
+            try:
+                scores, joining = self._take()
+                for s in scores:
+                    self._score(s)
+                if joining:
+                    self._prefill(joining)
+                if self.rows:
+                    self._step()
+            except Exception:  # a failed step must not kill the server: fail those rows, go on
+                log.exception("generation step failed")
+                for r in self.rows:
+                    self._finish(r, "error")
+                self.rows, self.cache = [], None
+
+    def _take(self) -> tuple[list[ScoreRequest], list[GenRequest]]:
+        """Expire stale waiters; hand out score requests and as many generations as there are slots."""
+        with self.wake:
+            if not self.pending and not self.rows:
+                self.wake.wait(timeout=0.5)
+                if self.pending and self.batch_wait_s > 0:  # a first arrival: let a burst gather
+                    self.wake.wait(timeout=self.batch_wait_s)
+            now = time.monotonic()
+            for r in [r for r in self.pending if r.cancelled or now - r.enqueued > self.max_queue_wait_s
+                      or now > r.deadline]:
+                self.pending.remove(r)
+                self._finish(r, "cancelled" if r.cancelled else "queue_timeout")
+            scores = [r for r in self.pending if isinstance(r, ScoreRequest)]
+            free = self.max_concurrent - len(self.rows)
+            joining = [r for r in self.pending if isinstance(r, GenRequest)][:max(free, 0)]
+            for r in scores + joining:
+                self.pending.remove(r)
+            return scores, joining
+
+    def _finish(self, r, reason: str) -> None:
+        with self.wake:
+            if r.done.is_set():  # the failure path may reach a row that already finished
+                return
+            self.admitted -= 1
+        r.finish_reason = r.finish_reason or reason
+        if isinstance(r, GenRequest) and r.events is not None:
+            r.events.put(("done", None))
+        r.done.set()
+
+    @torch.no_grad()
+    def _score(self, s: ScoreRequest) -> None:
+        if s.cancelled or time.monotonic() > s.deadline:
+            return self._finish(s, "timeout")
+        s.logprobs = score_labels(self.model, self.tok, s.prompts, s.labels, batch_size=len(s.prompts)).logprobs
+        self._finish(s, "stop")
+
+    @torch.no_grad()
+    def _prefill(self, new: list[GenRequest]) -> None:
+        """Run the new prompts as one left-padded batch and merge them into the running batch."""
+        width = max(len(r.prompt_ids) for r in new)
+        ids = torch.full((len(new), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+            r.generator = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, last_pos = out.past_key_values, pos[:, -1] + 1
+        if self.rows:  # join the running batch: both caches left-padded to the longer history
+            t = max(self.mask.shape[1], mask.shape[1])
+            self.mask, mask = _left_pad_cache(self.cache, self.mask, t), _left_pad_cache(cache, mask, t)
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
+            self.mask, self.pos = torch.cat([self.mask, mask]), torch.cat([self.pos, last_pos])
+        else:
+            self.cache, self.mask, self.pos = cache, mask, last_pos
+        self.rows += new
+        self._advance(new, out.logits[:, -1], first=len(self.rows) - len(new))
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One decode step for every running row."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
+        out = self.model(input_ids=self.last, attention_mask=self.mask, position_ids=self.pos[:, None],
+                         past_key_values=self.cache, use_cache=True)
+        self.pos = self.pos + 1
+        self.decode_steps += 1
+        self._advance(self.rows, out.logits[:, -1], first=0)
+
+    def _advance(self, rows: list[GenRequest], logits: torch.Tensor, first: int) -> None:
+        """Sample a token for each of `rows` (batch positions first..), emit text, retire finished rows."""
+        tokens = [sample(logits[i], r.temperature, r.top_p, getattr(r, "generator", None)) for i, r in enumerate(rows)]
+        new_last = torch.tensor(tokens, device=self.device)[:, None]
+        self.last = new_last if first == 0 else torch.cat([self.last[:first], new_last])
+        now = time.monotonic()
+        for r, token in zip(rows, tokens):
+            r.first_token_at = r.first_token_at or now
+            reason = self._append(r, token, now)
+            if reason:
+                self._finish(r, reason)
+        keep = [i for i, r in enumerate(self.rows) if not r.done.is_set()]
+        if len(keep) < len(self.rows):
+            self._retire(keep)
+
+    def _append(self, r: GenRequest, token: int, now: float) -> str | None:
+        """Add a token to a row; the finish reason when the row is done."""
+        if r.cancelled:
+            return "cancelled"
+        if token in self.eos_ids and not r.ignore_eos:
+            self._emit(r, final=True)
+            return "stop"
+        r.out_ids.append(token)
+        r.text = self.tok.decode(r.out_ids, skip_special_tokens=True)
+        hit = [r.text.index(s) for s in r.stop if s in r.text]
+        if hit:
+            r.text = r.text[:min(hit)]
+        self._emit(r, final=bool(hit) or len(r.out_ids) >= r.max_tokens)
+        if hit:
+            return "stop"
+        if len(r.out_ids) >= r.max_tokens:
+            return "length"
+        return "timeout" if now > r.deadline else None
+
+    def _emit(self, r: GenRequest, final: bool) -> None:
+        """Stream the text that can no longer change: not a half-decoded character, not a possible stop prefix."""
+        if r.events is None:
+            return
+        hold = 0 if final else max((len(s) - 1 for s in r.stop), default=0)
+        safe = len(r.text) - hold
+        while safe > r.emitted and r.text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > r.emitted:
+            r.events.put(("delta", r.text[r.emitted:safe]))
+            r.emitted = safe
+
+    def _retire(self, keep: list[int]) -> None:
+        """Drop finished rows from the batch and trim history no remaining row attends to."""
+        if not keep:
+            self.rows, self.cache = [], None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.pos, self.last = self.mask[idx], self.pos[idx], self.last[idx]
+        start = int(self.mask.any(0).nonzero()[0])
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]

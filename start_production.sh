@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Start the API under gunicorn. Settings: config.yaml's serve section; env overrides (.env.example):
+#   PORT, HOST, WORKERS, MODEL_PATH, ADAPTER_PATH, QUANTIZATION, MAX_CONCURRENT, MAX_QUEUE,
+#   RATE_LIMITS, RATE_LIMIT_STORAGE, TRUSTED_PROXIES, API_KEYS, API_KEYS_FILE, LOG_LEVEL
+# Example: PORT=8080 API_KEYS=secret bash start_production.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+
+# preflight: the packages and the machine, then the model to serve and the port
+"$PY" verify_setup.py --quick > logs/verify_setup.txt 2>&1 || { cat logs/verify_setup.txt; echo "verify_setup.py failed: fix the FAIL lines above" >&2; exit 1; }
+"$PY" deploy_with_limits.py --check
+
+HOST_SHOWN=$("$PY" -c "from common.config import load_config; s = load_config().serve; print(f'http://{s.host}:{s.port}')")
+echo "starting gunicorn on $HOST_SHOWN (logs/serve.jsonl, logs/gunicorn-*.log); health: $HOST_SHOWN/health"
+exec "$PY" -m gunicorn -c gunicorn.conf.py

@@ -1,0 +1,64 @@
+"""Start the real service (start_production.sh's gunicorn) on a free localhost port for a test."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    logs: Path
+
+    def log_text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*")) if p.is_file())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def start_server(model: Path, logs: Path, **env: str) -> Server:
+    """gunicorn -c gunicorn.conf.py with the model and overrides in the environment; waits for /health."""
+    port = free_port()
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith("QWEN_")}, "PORT": str(port),
+            "HOST": "127.0.0.1", "MODEL_PATH": str(model), "LOGS_DIR": str(logs), "PYTHONUNBUFFERED": "1",
+            **env}
+    logs.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT, env=full,
+                            stdout=open(logs / "stdout.txt", "w"), stderr=subprocess.STDOUT)
+    server = Server(proc, f"http://127.0.0.1:{port}", logs)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited {proc.returncode}:\n{server.log_text()[-3000:]}")
+        try:
+            if requests.get(server.url + "/health", timeout=1).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"the server did not become healthy:\n{server.log_text()[-3000:]}")

@@ -1,0 +1,207 @@
+"""The real gunicorn service on a free localhost port with the tiny model: API, limits, errors, shutdown."""
+import concurrent.futures as cf
+import json
+import time
+
+import openai
+import pytest
+import requests
+
+from serving import start_server
+
+CHAT = "/v1/chat/completions"
+LONG = {"max_tokens": 128, "ignore_eos": True}  # a generation that keeps its slot for a while
+
+
+def chat(text="你好", **extra):
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    srv = start_server(tiny_model, tmp_path_factory.mktemp("logs"), QWEN_SERVE_RATE_LIMITS="1000/minute",
+                       QWEN_SERVE_MAX_CONCURRENT="3", QWEN_SERVE_MAX_QUEUE="10")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model, tmp_path_factory):
+    """API keys, 10/minute per client behind one trusted proxy, and a 0.5 s request deadline."""
+    srv = start_server(tiny_model, tmp_path_factory.mktemp("logs"), API_KEYS="sk-good,sk-other",
+                       RATE_LIMITS="10/minute", TRUSTED_PROXIES="1", QWEN_SERVE_REQUEST_TIMEOUT_S="0.5")
+    yield srv
+    srv.stop()
+
+
+def client(srv, key="unused", ip=None):
+    headers = {"X-Forwarded-For": ip} if ip else None
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, default_headers=headers)
+
+
+def test_openai_sdk_chat_stream_completions_models(server):
+    c = client(server)
+    (model,) = [m.id for m in c.models.list()]
+    assert model == "tiny-qwen3"
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "你好"}], max_tokens=5)
+    assert r.object == "chat.completion" and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 5 and r.usage.prompt_tokens > 0
+    chunks = list(c.chat.completions.create(model=model, messages=[{"role": "user", "content": "你好"}], max_tokens=6,
+                                            stream=True, stream_options={"include_usage": True}, extra_body=LONG))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 128 or chunks[-1].usage.completion_tokens == 6
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text  # the deltas carry the generated text
+    comp = c.completions.create(model=model, prompt="The market", max_tokens=4)
+    assert comp.object == "text_completion" and comp.usage.completion_tokens <= 4
+
+
+def test_sse_ends_with_done(server):
+    r = requests.post(server.url + CHAT, json=chat(stream=True), stream=True, timeout=30)
+    lines = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert r.headers["Content-Type"].startswith("text/event-stream") and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_classification_answers_a_valid_label_with_probability(server):
+    labels = ["货币政策", "股市", "房地产"]
+    r = requests.post(server.url + CHAT, json=chat("央行宣布降准", labels=labels), timeout=30).json()
+    msg = r["choices"][0]["message"]
+    assert msg["content"] in labels and msg["label"] == msg["content"]
+    assert abs(sum(msg["probabilities"].values()) - 1) < 1e-4 and msg["probability"] == max(msg["probabilities"].values())
+    vllm = requests.post(server.url + CHAT, json=chat("央行宣布降准", guided_choice=labels), timeout=30).json()
+    assert vllm["choices"][0]["message"]["content"] == msg["content"]  # same scores, either spelling
+    batch = requests.post(server.url + "/v1/classify", json={"text": ["沪指收涨", "楼市新政"], "labels": labels},
+                          timeout=30).json()
+    assert [x["label"] in labels for x in batch["results"]] == [True, True]
+
+
+def test_sdk_bad_request_error(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "x"}],
+                                               temperature=5)
+    assert "temperature" in str(e.value)
+
+
+BAD_REQUESTS = [
+    ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    ({"data": b'{"messages": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}}, 400, "UTF-8"),
+    ({"data": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "application/json"),
+    ({"json": {"messages": []}}, 400, "'messages' must be a non-empty list"),
+    ({"json": {"messages": [{"role": "robot", "content": "x"}]}}, 400, "messages[0].role"),
+    ({"json": {"messages": [{"role": "user", "content": 5}]}}, 400, "messages[0].content"),
+    ({"json": {"messages": [{"role": "system", "content": "x"}]}}, 400, "at least one user message"),
+    ({"json": chat(n=2)}, 400, "'n' = 2 is not supported"),
+    ({"json": chat(temperature="hot")}, 400, "'temperature' must be a number"),
+    ({"json": chat(top_p=0)}, 400, "'top_p' must be between"),
+    ({"json": chat(max_tokens=100000)}, 400, "'max_tokens' must be between 1 and 512"),
+    ({"json": chat(stop=["a", "b", "c", "d", "e"])}, 400, "at most 4 strings"),
+    ({"json": chat(tools=[{}])}, 400, "unsupported field 'tools'"),
+    ({"json": chat(labels=["only-one"])}, 400, "'labels' must be true"),
+    ({"json": chat(labels=True)}, 400, "no labels.json"),
+    ({"json": chat(model="gpt-4")}, 404, "model 'gpt-4' is not served here"),
+    ({"json": chat("很长的新闻" * 1200)}, 400, "this server accepts at most 2048"),
+    ({"data": b"{" + b" " * 1_100_000 + b"}", "headers": {"Content-Type": "application/json"}}, 413, ""),
+    ({"json": [1, 2]}, 400, "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("kwargs,status,message", BAD_REQUESTS, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_4xx_json(server, kwargs, status, message):
+    r = requests.post(server.url + CHAT, timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "code"} and message in err["message"]
+
+
+def test_no_traceback_in_the_server_log(server):
+    requests.get(server.url + "/nowhere", timeout=10)
+    requests.delete(server.url + CHAT, timeout=10)
+    assert "Traceback" not in server.log_text()
+
+
+def test_burst_is_bounded_by_slots_and_queue(server):
+    before = requests.get(server.url + "/stats", timeout=10).json()
+
+    def one(i):
+        r = requests.post(server.url + CHAT, json=chat(f"请求{i}", **LONG), timeout=120)
+        return r.status_code, r.headers.get("Retry-After")
+
+    with cf.ThreadPoolExecutor(30) as pool:
+        results = list(pool.map(one, range(30)))
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(200) <= 13 and codes.count(200) >= 3
+    assert all(ra for c, ra in results if c == 503)  # every refusal says when to retry
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    after = requests.get(server.url + "/stats", timeout=10).json()
+    delta = {k: after["requests"]["by_outcome"].get(k, 0) - before["requests"]["by_outcome"].get(k, 0)
+             for k in ("ok", "queue_full", "queue_timeout")}
+    assert delta["ok"] == codes.count(200) and delta["queue_full"] + delta["queue_timeout"] == codes.count(503)
+    assert after["in_flight"] == 0 and after["queue"] == 0 and after["latency_s"]["p95"] is not None
+    assert after["peak_admitted"] <= 13  # never more than 3 decoding + 10 waiting at once
+
+
+def test_monitoring_endpoints(server):
+    stats = requests.get(server.url + "/stats", timeout=10).json()
+    assert stats["limits"]["max_concurrent"] == 3 and stats["limits"]["max_queue"] == 10
+    assert "rss_gib" in stats["memory"] or "used_gib" in stats["memory"]
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    assert "qwen_requests_total" in metrics and "qwen_in_flight" in metrics
+    r = requests.get(server.url + "/health", headers={"X-Request-ID": "abc-123"}, timeout=10)
+    assert r.headers["X-Request-ID"] == "abc-123"
+
+
+def test_sdk_authentication_error(guarded):
+    with pytest.raises(openai.AuthenticationError):
+        client(guarded, key="sk-wrong", ip="10.0.0.1").models.list()
+    assert client(guarded, key="sk-other", ip="10.0.0.1").models.list().data[0].id == "tiny-qwen3"
+    assert requests.get(guarded.url + "/health", timeout=10).status_code == 200  # health stays open
+
+
+def test_eleventh_request_in_a_minute_is_rate_limited(guarded):
+    c = client(guarded, key="sk-good", ip="10.0.0.2")
+    for _ in range(10):
+        c.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="tiny-qwen3", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert int(e.value.response.headers["Retry-After"]) > 0
+    # another client behind the same proxy has its own budget
+    client(guarded, key="sk-good", ip="10.0.0.3").chat.completions.create(
+        model="tiny-qwen3", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+
+
+def test_deadline_gives_504_and_frees_the_slot(guarded):
+    headers = {"Authorization": "Bearer sk-good", "X-Forwarded-For": "10.0.0.4"}
+    t0 = time.time()
+    r = requests.post(guarded.url + CHAT, json=chat(max_tokens=512, ignore_eos=True), headers=headers, timeout=30)
+    elapsed = time.time() - t0
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout" and elapsed < 0.5 + 1.0
+    t0 = time.time()
+    r = requests.post(guarded.url + CHAT, json=chat(max_tokens=2), headers=headers, timeout=30)
+    assert r.status_code == 200 and time.time() - t0 < 0.5  # the timed-out generation no longer holds a slot
+    stats = requests.get(guarded.url + "/stats", timeout=10).json()
+    assert stats["in_flight"] == 0 and stats["rejections"].get("timeout") == 1
+
+
+def test_8bit_serving_on_cpu(tiny_model, tmp_path):
+    srv = start_server(tiny_model, tmp_path / "logs", QUANTIZATION="8bit")
+    try:
+        r = requests.post(srv.url + CHAT, json=chat(max_tokens=4), timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert "quantization 8bit" in srv.log_text()
+    finally:
+        srv.stop()
+
+
+def test_sigterm_finishes_in_flight_requests(tiny_model, tmp_path):
+    srv = start_server(tiny_model, tmp_path / "logs")
+    with cf.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(requests.post, srv.url + CHAT, json=chat(f"问{i}", max_tokens=200, ignore_eos=True),
+                               timeout=120) for i in range(3)]
+        time.sleep(1.0)  # the three are decoding now
+        code = srv.stop()
+        answers = [f.result() for f in futures]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert all(a.json()["usage"]["completion_tokens"] == 200 for a in answers)
+    assert code == 0
