@@ -49,6 +49,7 @@ class GenRequest:
     enqueued: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    generator: torch.Generator | None = None  # seeded sampling, set at prefill
 
 
 @dataclass
@@ -171,6 +172,8 @@ class Engine:
                 return
             self.admitted -= 1
         r.finish_reason = r.finish_reason or reason
+        if isinstance(r, GenRequest) and r.out_ids and not r.stop:
+            r.text = self.tok.decode(r.out_ids, skip_special_tokens=True)
         if isinstance(r, GenRequest) and r.events is not None:
             r.events.put(("done", None))
         r.done.set()
@@ -219,7 +222,9 @@ class Engine:
 
     def _advance(self, rows: list[GenRequest], logits: torch.Tensor, first: int) -> None:
         """Sample a token for each of `rows` (batch positions first..), emit text, retire finished rows."""
-        tokens = [sample(logits[i], r.temperature, r.top_p, getattr(r, "generator", None)) for i, r in enumerate(rows)]
+        greedy = logits.argmax(-1).tolist()  # one op for the whole batch; sampled rows redo theirs
+        tokens = [greedy[i] if r.temperature <= 0 else sample(logits[i], r.temperature, r.top_p, r.generator)
+                  for i, r in enumerate(rows)]
         new_last = torch.tensor(tokens, device=self.device)[:, None]
         self.last = new_last if first == 0 else torch.cat([self.last[:first], new_last])
         now = time.monotonic()
@@ -237,17 +242,22 @@ class Engine:
         if r.cancelled:
             return "cancelled"
         if token in self.eos_ids and not r.ignore_eos:
-            self._emit(r, final=True)
+            if r.events is not None or r.stop:
+                r.text = self.tok.decode(r.out_ids, skip_special_tokens=True)
+                self._emit(r, final=True)
             return "stop"
         r.out_ids.append(token)
-        r.text = self.tok.decode(r.out_ids, skip_special_tokens=True)
-        hit = [r.text.index(s) for s in r.stop if s in r.text]
-        if hit:
-            r.text = r.text[:min(hit)]
-        self._emit(r, final=bool(hit) or len(r.out_ids) >= r.max_tokens)
+        full = len(r.out_ids) >= r.max_tokens
+        hit = []
+        if r.events is not None or r.stop or full:  # text is needed now; otherwise once, at the end
+            r.text = self.tok.decode(r.out_ids, skip_special_tokens=True)
+            hit = [r.text.index(s) for s in r.stop if s in r.text]
+            if hit:
+                r.text = r.text[:min(hit)]
+            self._emit(r, final=bool(hit) or full)
         if hit:
             return "stop"
-        if len(r.out_ids) >= r.max_tokens:
+        if full:
             return "length"
         return "timeout" if now > r.deadline else None
 

@@ -205,3 +205,27 @@ def test_sigterm_finishes_in_flight_requests(tiny_model, tmp_path):
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert all(a.json()["usage"]["completion_tokens"] == 200 for a in answers)
     assert code == 0
+
+
+def test_test_api_script_passes_against_the_service(server):
+    from conftest import run_script
+    proc = run_script("test_api.py", "--url", server.url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS  answers     accuracy" in proc.stdout and "PASS  streaming" in proc.stdout
+
+
+def test_test_api_limits_mode_shows_429(guarded):
+    from conftest import run_script
+    proc = run_script("test_api.py", "--url", guarded.url, "--api-key", "sk-good", "--limits", "--max-items", "4",
+                      "--batch", "4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "429 on call" in proc.stdout
+    bad = run_script("test_api.py", "--url", guarded.url, "--api-key", "sk-wrong", "--max-items", "4")
+    assert bad.returncode == 1 and "FAIL  models      401" in bad.stdout
+
+
+def test_test_api_says_when_nothing_answers():
+    from conftest import run_script
+    from serving import free_port
+    proc = run_script("test_api.py", "--url", f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 1 and "start it with bash start_production.sh" in proc.stdout
