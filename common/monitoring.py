@@ -1,0 +1,107 @@
+"""Monitoring for the service: what /health, /stats and /metrics report, one Stats per worker."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter, deque
+
+
+class Stats:
+    """What /stats and /metrics report: outcomes, rejections, latency, tokens, memory."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Histogram
+        from prometheus_client import Counter as PCounter
+        self.started = time.time()
+        self.lock = threading.Lock()
+        self.outcomes, self.rejections = Counter(), Counter()
+        self.latencies: deque[float] = deque(maxlen=4096)
+        self.token_log: deque[tuple[float, int]] = deque()       # (time, completion tokens) for tokens/s
+        self.tokens_in = self.tokens_out = 0
+        self.registry = CollectorRegistry()
+        self.p_requests = PCounter("qwen_requests", "requests by endpoint and outcome", ["endpoint", "outcome"],
+                                   registry=self.registry)
+        self.p_latency = Histogram("qwen_request_seconds", "latency of answered requests", ["endpoint"],
+                                   registry=self.registry, buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30, 60, 120))
+        self.p_tokens = PCounter("qwen_tokens", "tokens processed", ["kind"], registry=self.registry)
+
+    def record(self, endpoint: str, outcome: str, seconds: float, tokens_in: int = 0, tokens_out: int = 0) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            if outcome != "ok":
+                self.rejections[outcome] += 1
+            else:
+                self.latencies.append(seconds)
+                self.p_latency.labels(endpoint).observe(seconds)
+            self.tokens_in += tokens_in
+            self.tokens_out += tokens_out
+            self.token_log.append((time.time(), tokens_out))
+        self.p_requests.labels(endpoint, outcome).inc()
+        self.p_tokens.labels("prompt").inc(tokens_in)
+        self.p_tokens.labels("completion").inc(tokens_out)
+
+    def percentiles(self) -> dict:
+        with self.lock:
+            xs = sorted(self.latencies)
+        pick = (lambda q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 4)) if xs else (lambda q: None)
+        return {"p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99), "count": len(xs)}
+
+    def tokens_per_second(self, window: float = 60.0) -> float:
+        now = time.time()
+        with self.lock:
+            while self.token_log and self.token_log[0][0] < now - window:
+                self.token_log.popleft()
+            total = sum(n for _, n in self.token_log)
+        return round(total / min(window, max(now - self.started, 1e-9)), 2)
+
+
+def memory_report() -> dict:
+    import torch
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return {"device": torch.cuda.get_device_name(0), "used_gib": round((total - free) / 1024**3, 2),
+                "total_gib": round(total / 1024**3, 2), "allocated_gib": round(torch.cuda.memory_allocated() / 1024**3, 2)}
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"device": "cpu", "rss_gib": round(rss / 1024**3, 2)}
+
+
+def register_monitoring(app, state) -> None:
+    """/health, /stats, /metrics for a ServerState (deploy_with_limits.py)."""
+    from flask import Response, jsonify
+    from prometheus_client import Gauge, generate_latest
+
+    load = lambda i: state.engine.load()[i] if state.engine else 0  # noqa: E731
+    Gauge("qwen_in_flight", "generations running", registry=state.stats.registry).set_function(lambda: load(0))
+    Gauge("qwen_queue", "requests waiting for a slot", registry=state.stats.registry).set_function(lambda: load(1))
+
+    @app.get("/health")
+    def health():
+        if state.ready():
+            return jsonify({"status": "ok", "model": state.name})
+        status = "draining" if state.draining else "error" if state.error else "loading"
+        return jsonify({"status": status, "model": state.name, "error": state.error}), 503
+
+    @app.get("/stats")
+    def stats():
+        s, st = state.cfg.serve, state.stats
+        with st.lock:
+            outcomes, rejections = dict(st.outcomes), dict(st.rejections)
+        return jsonify({
+            "model": state.name, "model_dir": str(state.model_dir), "adapter": str(state.adapter or "") or None,
+            "status": "ok" if state.ready() else "unavailable", "uptime_s": round(time.time() - st.started, 1),
+            "requests": {"total": sum(outcomes.values()), "by_outcome": outcomes}, "rejections": rejections,
+            "in_flight": load(0), "queue": load(1),
+            "peak_admitted": state.engine.peak_admitted if state.engine else 0, "latency_s": st.percentiles(),
+            "tokens": {"prompt": st.tokens_in, "completion": st.tokens_out,
+                       "completion_per_s_last_minute": st.tokens_per_second()},
+            "memory": memory_report(), "worker_pid": os.getpid(),
+            "limits": {k: getattr(s, k) for k in ("max_concurrent", "max_queue", "max_queue_wait_s",
+                                                  "request_timeout_s", "max_tokens", "max_prompt_tokens",
+                                                  "max_body_bytes", "rate_limits", "global_rate_limit")},
+        })
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(state.stats.registry), mimetype="text/plain; version=0.0.4")
