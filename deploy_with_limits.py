@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from common.config import ConfigError, add_config_args, config_from_args, load_config, stage_parser
-from common.model_files import check_model_dir
+from common.model_files import check_model_dir, newest_merged
 from common.monitoring import Stats, register_monitoring
 from common.openai_schema import (
     ApiError,
@@ -46,8 +46,10 @@ def serving_model(cfg) -> tuple[Path, Path | None]:
     s = cfg.serve
     if s.model:
         return cfg.resolve(s.model), cfg.resolve(s.adapter) if s.adapter else None
-    merged = sorted(cfg.resolve(cfg.train.runs_dir).glob("*-merged/manifest.json"), key=lambda p: p.stat().st_mtime)
-    base = merged[-1].parent if merged and not s.adapter else cfg.resolve(cfg.model.path)
+    try:
+        base = cfg.resolve(cfg.model.path) if s.adapter else newest_merged(cfg.resolve(cfg.train.runs_dir))
+    except FileNotFoundError:
+        base = cfg.resolve(cfg.model.path)
     return base, cfg.resolve(s.adapter) if s.adapter else None
 
 

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import warnings
@@ -93,6 +94,13 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def is_prequantized(path: str | Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
@@ -113,13 +121,35 @@ def load_model(path: str | Path, quantization: str = "none", device: str | None 
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
     mode = resolve_quantization(quantization, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, quantization_config=quantization_config(mode, dtype),
-        device_map={"": device}, low_cpu_mem_usage=True,
-    )
+    quant = quantization_config(mode, dtype)
+    # A pre-quantized copy (quantize_model.py) carries its own config; passing None would override it.
+    kwargs = {"quantization_config": quant} if quant is not None and not is_prequantized(path) else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": device},
+                                                 low_cpu_mem_usage=True, **kwargs)
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter))
     log.info("loaded %s%s on %s (%s, quantization %s)", path, f" + adapter {adapter}" if adapter else "",
              device, str(dtype).removeprefix("torch."), mode)
     return model
+
+
+def fitting_device(model_dir: Path) -> str:
+    """pick_device(), but the CPU when the 16-bit weights (+20%) do not fit the GPU's free memory:
+    Qwen3-8B is 16.4 GB in bf16 and a 10 GB card cannot hold it; the CPU merges it in fp32 (~33 GB RAM)."""
+    device = pick_device()
+    if device != "cuda":
+        return device
+    need = 1.2 * sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    free = torch.cuda.mem_get_info()[0]
+    if need <= free:
+        return device
+    print(f"note: {model_dir.name} needs ~{need / 2**30:.1f} GiB in 16-bit and the GPU has {free / 2**30:.1f} GiB "
+          f"free, so this runs on the CPU (fp32)")
+    return "cpu"
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()

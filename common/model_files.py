@@ -16,6 +16,9 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# What a derived model directory (merged, quantized, converted) carries over besides its weights.
+EXTRA_FILES = (*TOKENIZER_FILES, "chat_template.jinja", "chat_template.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "labels.json")
 
 
 @dataclass
@@ -120,14 +123,21 @@ def write_manifest(model_dir: str | Path, **info) -> Path:
 
 
 def save_atomically(target: Path, write, force: bool) -> None:
-    """Write into a temporary directory beside `target`, then rename: never a half-written model."""
+    """Write into a temporary directory beside `target`, then rename: never a half-written model.
+
+    A writer killed midway (SIGKILL, out of memory) leaves its `.NAME.tmp-*` directory behind; the
+    next write of the same target removes those, since they can hold gigabytes.
+    """
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists; pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is read by other users and services
     try:
         write(tmp)
+        for p in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors write 0700/0600; services must read them
+            p.chmod(0o755 if p.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -141,3 +151,25 @@ def newest_run(runs_dir: Path) -> Path:
     if not runs:
         raise FileNotFoundError(f"no trained run in {runs_dir}; run python train_qwen.py, or pass --model")
     return runs[-1].parent
+
+def newest_merged(runs_dir: Path) -> Path:
+    """The most recent finished merge (its manifest is the last file merge_lora.py writes)."""
+    merged = sorted(Path(runs_dir).glob("*-merged/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not merged:
+        raise FileNotFoundError(f"no merged model in {runs_dir}; run python merge_lora.py, or pass --model")
+    return merged[-1].parent
+
+
+def copy_extras(sources: list[Path], dst: Path) -> list[str]:
+    """Copy EXTRA_FILES into dst, each from the first source that has it; returns the names copied."""
+    copied = []
+    for name in EXTRA_FILES:
+        src = next((d / name for d in sources if (d / name).is_file()), None)
+        if src is not None:
+            shutil.copyfile(src, dst / name)
+            copied.append(name)
+    return copied
+
+
+def dir_size(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())

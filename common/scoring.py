@@ -62,14 +62,20 @@ def _score_batch(model, prompt_ids: list[list[int]], cand: torch.Tensor, cand_ma
     cache = out.past_key_values
     cache.batch_repeat_interleave(k)                                        # [N*K, ...]
     cand, cand_mask = cand.to(device), cand_mask.to(device)
-    c_ids = cand.repeat(n, 1)                                               # [N*K, L]
-    c_mask = torch.cat([mask.repeat_interleave(k, 0), cand_mask.repeat(n, 1)], dim=1)
+    c_ids, c_valid = cand.repeat(n, 1), cand_mask.repeat(n, 1)              # [N*K, L]
+    c_mask = torch.cat([mask.repeat_interleave(k, 0), c_valid], dim=1)
     c_pos = pos[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(length, device=device)
-    logits = model(input_ids=c_ids, attention_mask=c_mask, position_ids=c_pos, past_key_values=cache).logits
-    rest = torch.log_softmax(logits[:, :-1].float(), dim=-1)                # predicts tokens 1..L-1
-    tok_lp = torch.cat([first.repeat_interleave(k, 0).gather(1, c_ids[:, :1]),
-                        rest.gather(2, c_ids[:, 1:, None]).squeeze(-1)], dim=1)  # [N*K, L]
-    return (tok_lp * cand_mask.repeat(n, 1)).sum(-1).view(n, k).cpu()
+    # The body runs on every continuation token, the 151,936-wide output head only where a position
+    # predicts a real next token: with one-token labels that is one position per label, not L.
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal.model(input_ids=c_ids, attention_mask=c_mask, position_ids=c_pos,
+                          past_key_values=cache).last_hidden_state          # [N*K, L, d]
+    need = c_valid[:, 1:].bool()                                            # position j predicts token j+1
+    head = causal.get_output_embeddings()
+    rest = torch.log_softmax(head(hidden[:, :-1][need]).float(), dim=-1).gather(1, c_ids[:, 1:][need][:, None])
+    total = first.repeat_interleave(k, 0).gather(1, c_ids[:, :1]).squeeze(1)  # the first token, from the prompt
+    total = total.index_add(0, need.nonzero()[:, 0], rest.squeeze(1))
+    return total.view(n, k).cpu()
 
 
 def score_labels(model, tokenizer, prompts: list[str], labels: list[str], batch_size: int = 8,

@@ -6,7 +6,6 @@ import time
 import openai
 import pytest
 import requests
-
 from serving import start_server
 
 CHAT = "/v1/chat/completions"
@@ -229,3 +228,18 @@ def test_test_api_says_when_nothing_answers():
     from serving import free_port
     proc = run_script("test_api.py", "--url", f"http://127.0.0.1:{free_port()}")
     assert proc.returncode == 1 and "start it with bash start_production.sh" in proc.stdout
+
+
+def test_base_plus_adapter_with_its_labels(tiny_model, trained_run, tmp_path):
+    """ADAPTER_PATH: the run's adapter on its base; `labels: true` uses the run's labels.json."""
+    import json as _json
+    labels = _json.loads((trained_run / "labels.json").read_text())["labels"]
+    srv = start_server(tiny_model, tmp_path / "logs", ADAPTER_PATH=str(trained_run))
+    try:
+        r = requests.post(srv.url + CHAT, json=chat("央行宣布降准", labels=True), timeout=60).json()
+        assert r["model"] == trained_run.name and r["choices"][0]["message"]["content"] in labels
+        c = requests.post(srv.url + "/v1/classify", json={"text": "沪指收涨"}, timeout=60).json()
+        assert c["results"][0]["label"] in labels and set(c["results"][0]["probabilities"]) == set(labels)
+        assert f"+ adapter {trained_run}" in srv.log_text()
+    finally:
+        srv.stop()

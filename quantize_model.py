@@ -1,0 +1,220 @@
+"""Save a pre-quantized bitsandbytes copy of the merged model, which loads without quantizing at start-up.
+
+    python quantize_model.py                       # the newest models/<run>-merged -> models/<run>-merged-int8/
+    python quantize_model.py --bits 4              # NF4 with double quantization -> models/<run>-merged-nf4/
+    python quantize_model.py --model models/news-merged --output models/news-int8 --force
+
+The 16-bit model is loaded with the bitsandbytes config (common/loading.py) and saved as it is:
+config.json carries its quantization_config, so a plain AutoModelForCausalLM.from_pretrained(copy)
+comes back quantized. Beside the weights: tokenizer, chat template, generation config, labels.json,
+manifest.json (written last); the directory appears only complete (written beside it, then renamed).
+Before the rename the copy is loaded back, must hold only bitsandbytes layers and answer a prompt.
+Reports the size on disk (copy vs source), the load time (copy vs quantizing at load time) and how
+often its best label agrees with the 16-bit model's on the test split (quantize.compare_items).
+Make the copy on the kind of machine that serves it: on the CPU the layers that stay unquantized
+(embeddings, norms, lm_head) are kept in fp32, and the 4-bit compute dtype is fp32.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError, add_config_args, config_from_args, stage_parser
+from common.loading import fitting_device, free_memory, load_model, load_tokenizer
+from common.model_files import check_model_dir, copy_extras, newest_merged, save_atomically, write_manifest
+from common.prompts import classification_prompt, render_prompt
+from common.scoring import score_labels
+from merge_lora import FIXED_TEXTS, run_labels
+from train_qwen import read_jsonl
+
+MODES = {8: ("8bit", "int8", "Linear8bitLt"), 4: ("4bit", "nf4", "Linear4bit")}  # bits -> load mode, suffix, layer
+
+
+class QuantizeError(RuntimeError):
+    """The quantized copy does not load quantized or does not answer: nothing is written."""
+
+
+# ----------------------------------------------------------------------------- what to quantize
+def find_source(cfg) -> Path:
+    q = cfg.quantize
+    source = cfg.resolve(q.model) if q.model else newest_merged(cfg.resolve(cfg.train.runs_dir))
+    problems = [f.message for f in check_model_dir(source) if f.level == "fail"]
+    if problems:
+        raise ConfigError(f"{source} is not a complete model ({problems[0]}); pass --model with a merged model")
+    if (source / "adapter_config.json").is_file():
+        raise ConfigError(f"{source} is an adapter; merge it first: python merge_lora.py --adapter {source}")
+    if "quantization_config" in json.loads((source / "config.json").read_text(encoding="utf-8")):
+        raise ConfigError(f"{source} is already quantized; pass --model with the 16-bit merged model")
+    return source
+
+
+def quant_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"  # bitsandbytes runs on CUDA and the CPU, not MPS
+
+
+# ----------------------------------------------------------------------------- checks
+def unquantized_linears(model) -> list[str]:
+    """Linear layers bitsandbytes left in full precision; lm_head is kept so on purpose."""
+    return [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and name != "lm_head"]
+
+
+def check_quantized(model, layer: str) -> int:
+    """The number of `layer` modules; raises when the copy did not come back quantized."""
+    count = sum(type(m).__name__ == layer for m in model.modules())
+    plain = unquantized_linears(model)
+    if count == 0 or plain:
+        raise QuantizeError(f"the saved copy loads with {count} {layer} layers and full-precision {plain[:3]}: "
+                            f"it did not come back quantized; nothing was written")
+    return count
+
+
+def compare_set(cfg, labels: list[str] | None) -> list[dict]:
+    """The test split's text+label items for the agreement check (compare_items of them; 0 = all)."""
+    path = cfg.resolve(cfg.data.processed_dir) / "test.jsonl"
+    if not labels or not path.is_file():
+        return []
+    items = [r for r in read_jsonl(path) if r.get("label") in labels]
+    n = cfg.quantize.compare_items
+    return items[:n] if n > 0 else items
+
+
+def best_labels(model, tokenizer, prompts: list[str], labels: list[str]) -> list[int]:
+    scores = score_labels(model, tokenizer, prompts, labels)
+    if not torch.isfinite(scores.logprobs).all():
+        raise QuantizeError("the quantized copy gives non-finite label scores; nothing was written")
+    return scores.best()[0]
+
+
+def probe_prompts(tokenizer, texts: list[str], labels: list[str] | None, pcfg) -> list[str]:
+    """Through the prompt contract: the classification prompt, or a plain user turn for a chat model."""
+    if labels:
+        return [classification_prompt(tokenizer, t, labels, pcfg) for t in texts]
+    return [render_prompt(tokenizer, [{"role": "user", "content": t}], pcfg.enable_thinking) for t in texts]
+
+
+def answer(model, tokenizer, prompts: list[str], labels: list[str] | None) -> list[int]:
+    """The best label per prompt; for a chat model, finite next-token logits on the first prompt."""
+    if labels:
+        return best_labels(model, tokenizer, prompts, labels)
+    ids = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    with torch.no_grad():
+        if not torch.isfinite(model(input_ids=ids, logits_to_keep=1).logits).all():
+            raise QuantizeError("the quantized copy gives non-finite logits; nothing was written")
+    return []
+
+
+def weights_size(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the copy
+def quantize_into(tmp: Path, source: Path, bits: int, device: str, ask) -> dict:
+    """Quantize at load, save, load the saved copy plainly, check its layers and let it answer."""
+    from transformers import AutoModelForCausalLM
+    mode, _, layer = MODES[bits]
+    start = time.time()
+    model = load_model(source, quantization=mode, device=device)
+    quantize_load_s = time.time() - start
+    model.save_pretrained(tmp)  # bitsandbytes weights + quantization_config in config.json
+    copy_extras([source], tmp)
+    del model
+    free_memory(device)
+    start = time.time()
+    copy = AutoModelForCausalLM.from_pretrained(tmp, device_map={"": device}).eval()  # no quantization config given
+    copy_load_s = time.time() - start
+    layers = check_quantized(copy, layer)
+    picked = ask(copy)
+    del copy
+    free_memory(device)
+    return {"quantize_load_s": quantize_load_s, "copy_load_s": copy_load_s, "layers": layers, "picked": picked}
+
+
+def sixteen_bit_answers(source: Path, tokenizer, prompts: list[str], labels: list[str]) -> list[int]:
+    device = fitting_device(source)
+    model = load_model(source, device=device).eval()
+    picked = answer(model, tokenizer, prompts, labels)
+    del model
+    free_memory(device)
+    return picked
+
+
+def agreement(picked: list[int], reference: list[int], truth: list[int]) -> dict:
+    n = len(reference)
+    return {"items": n, "agreement": sum(a == b for a, b in zip(picked, reference)) / n,
+            "accuracy_16bit": sum(a == b for a, b in zip(reference, truth)) / n,
+            "accuracy_quantized": sum(a == b for a, b in zip(picked, truth)) / n}
+
+
+def quantize(cfg, force: bool) -> dict:
+    q = cfg.quantize
+    if q.bits not in MODES:
+        raise ConfigError(f"quantize.bits must be 8 (LLM.int8) or 4 (NF4), got {q.bits}")
+    source = find_source(cfg)
+    mode, suffix, _ = MODES[q.bits]
+    target = cfg.resolve(q.output) if q.output else source.parent / f"{source.name}-{suffix}"
+    if target.exists() and not force:  # before minutes of loading; save_atomically checks it again
+        raise ConfigError(f"{target} exists; pass --force to replace it")
+    tokenizer = load_tokenizer(source)
+    labels = run_labels(source, cfg.resolve(cfg.data.processed_dir))
+    items = compare_set(cfg, labels)
+    prompts = probe_prompts(tokenizer, [r["text"] for r in items] or FIXED_TEXTS[:1], labels, cfg.prompt)
+    device, figures = quant_device(), {}
+
+    def write(tmp: Path) -> None:
+        # The 16-bit answers first: this load also pays the process's one-time set-up (~2 s), so the two
+        # timed loads below compare loading, not importing.
+        reference = sixteen_bit_answers(source, tokenizer, prompts, labels) if items else []
+        figures.update(quantize_into(tmp, source, q.bits, device, lambda m: answer(m, tokenizer, prompts, labels)))
+        if items:
+            figures.update(agreement(figures["picked"], reference, [labels.index(r["label"]) for r in items]))
+        write_manifest(tmp, source="quantize", model=str(source), quantization=mode,
+                       **{k: figures[k] for k in ("agreement", "items") if k in figures})
+
+    start = time.time()
+    save_atomically(target, write, force)
+    return {**figures, "source": source, "target": target, "mode": mode, "device": device,
+            "copy_bytes": weights_size(target), "source_bytes": weights_size(source), "total_s": time.time() - start}
+
+
+def report(f: dict) -> None:
+    ratio = f["copy_bytes"] / f["source_bytes"]
+    print(f"size on disk (weights): {f['copy_bytes'] / 1e6:.1f} MB vs {f['source_bytes'] / 1e6:.1f} MB 16-bit "
+          f"({100 * ratio:.0f}%)")
+    print(f"load time on {f['device']}: {f['copy_load_s']:.2f}s pre-quantized vs {f['quantize_load_s']:.2f}s "
+          f"quantizing the 16-bit model at load; {f['layers']} bitsandbytes layers")
+    if "agreement" in f:
+        print(f"label agreement with the 16-bit model on {f['items']} test items: {f['agreement']:.3f} "
+              f"(accuracy 16-bit {f['accuracy_16bit']:.3f}, {f['mode']} {f['accuracy_quantized']:.3f})")
+    else:
+        print("label agreement not measured: no classification labels or no test split (data.processed_dir)")
+    print(f"wrote {f['target']}/ (safetensors, tokenizer, chat template, generation config, labels.json, "
+          f"manifest.json) in {f['total_s']:.1f}s")
+
+
+def main(argv=None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_config_args(parser, "quantize")
+    args = parser.parse_args(argv)
+    from common.logs import setup_logging
+    try:
+        cfg = config_from_args(args, "quantize")
+        setup_logging("quantize_model", cfg.resolve(cfg.logging.dir), cfg.logging.level)
+        figures = quantize(cfg, args.force)
+    except (ConfigError, OSError, json.JSONDecodeError, QuantizeError) as e:  # FileNotFoundError: no merge yet
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:  # bitsandbytes missing or too old for this device
+        print(f"error: bitsandbytes quantization is not available here ({e}); pip install bitsandbytes",
+              file=sys.stderr)
+        return 1
+    report(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

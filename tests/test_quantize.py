@@ -1,0 +1,95 @@
+"""quantize_model.py: 8-bit and NF4 copies of a merged model that load quantized with no config passed,
+answer with a valid label on the CPU, and report size, load time and agreement with the 16-bit model."""
+import json
+import re
+
+import pytest
+import torch
+from conftest import run_script
+
+from common.config import load_config
+from common.loading import load_model
+from common.model_files import check_model_dir
+from common.prompts import classification_prompt
+from common.scoring import score_labels
+
+LAYER = {8: "Linear8bitLt", 4: "Linear4bit"}
+
+
+@pytest.fixture(scope="module")
+def merged(trained_run, prepared_data, tmp_path_factory):
+    """merge_lora.py on the trained run, once; its parent plays runs_dir for the default input."""
+    out = tmp_path_factory.mktemp("runs") / "lora-merged"
+    proc = run_script("merge_lora.py", "--adapter", str(trained_run), "--output", str(out),
+                      "--set", f"data.processed_dir={prepared_data}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def copies(merged, prepared_data):
+    """bits -> (copy dir, stdout). 8-bit by the defaults (newest *-merged in runs_dir), NF4 by flags."""
+    data = ["--set", f"data.processed_dir={prepared_data}"]
+    int8 = run_script("quantize_model.py", "--set", f"train.runs_dir={merged.parent}", *data)
+    assert int8.returncode == 0, int8.stderr[-3000:]
+    nf4 = run_script("quantize_model.py", "--model", str(merged), "--bits", "4",
+                     "--output", str(merged.parent / "nf4-copy"), *data)
+    assert nf4.returncode == 0, nf4.stderr[-3000:]
+    return {8: (merged.parent / "lora-merged-int8", int8.stdout), 4: (merged.parent / "nf4-copy", nf4.stdout)}
+
+
+def test_help():
+    proc = run_script("quantize_model.py", "--help")
+    assert proc.returncode == 0 and "python quantize_model.py" in proc.stdout and "--bits" in proc.stdout
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_copy_loads_quantized_without_a_config_and_answers(bits, copies, merged, prepared_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out, _ = copies[bits]
+    assert check_model_dir(out) == []
+    for name in ("labels.json", "chat_template.jinja", "tokenizer.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (merged / name).read_bytes(), name
+    model = AutoModelForCausalLM.from_pretrained(out, device_map={"": "cpu"}).eval()  # no quantization config
+    kinds = {type(m).__name__ for name, m in model.named_modules() if name.endswith("_proj")}
+    assert kinds == {LAYER[bits]}
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    labels = json.loads((out / "labels.json").read_text())["labels"]
+    record = json.loads((prepared_data / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    prompt = classification_prompt(tokenizer, record["text"], labels, load_config(use_env=False).prompt)
+    scores = score_labels(model, tokenizer, [prompt], labels)
+    assert torch.isfinite(scores.logprobs).all() and 0 <= scores.best()[0][0] < len(labels)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"] == "quantize" and manifest["quantization"] == f"{bits}bit"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_report_figures(bits, copies, prepared_data):
+    _, stdout = copies[bits]
+    n_test = len((prepared_data / "test.jsonl").read_text(encoding="utf-8").splitlines())
+    m = re.search(r"label agreement with the 16-bit model on (\d+) test items: ([\d.]+)", stdout)
+    assert m and int(m[1]) == n_test and 0 <= float(m[2]) <= 1, stdout
+    assert re.search(r"size on disk \(weights\): [\d.]+ MB vs [\d.]+ MB 16-bit", stdout)
+    assert re.search(r"load time on cpu: [\d.]+s pre-quantized vs [\d.]+s quantizing", stdout)
+
+
+def test_existing_output_and_quantized_input_are_refused(copies, merged):
+    out, _ = copies[4]
+    before = (out / "manifest.json").read_bytes()
+    proc = run_script("quantize_model.py", "--model", str(merged), "--bits", "4", "--output", str(out))
+    assert proc.returncode == 1 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "manifest.json").read_bytes() == before
+    proc = run_script("quantize_model.py", "--model", str(out), "--output", str(out.parent / "twice"))
+    assert proc.returncode == 1 and "already quantized" in proc.stderr and not (out.parent / "twice").exists()
+
+
+def test_bad_bits_is_one_sentence(merged):
+    proc = run_script("quantize_model.py", "--model", str(merged), "--bits", "3")
+    assert proc.returncode == 1 and "quantize.bits must be 8" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_shared_loader_keeps_the_copy_quantized(copies):
+    """What serving and evaluation call: the int8 copy must come back as Linear8bitLt, not plain Linear."""
+    out, _ = copies[8]
+    model = load_model(out, device="cpu")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
