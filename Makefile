@@ -1,9 +1,11 @@
 # make test: a fresh clone to a passing test suite (creates .venv, installs, runs pytest).
+# make demo: the whole pipeline on the CPU with the tiny model, then the served API checked.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_PORT ?= 8000
 
-.PHONY: test clean-venv
+.PHONY: test demo demo-clean clean-venv
 
 # torch first and by its exact pin, so pip takes the CPU build from disk instead of a CUDA build.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -15,6 +17,30 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# ---- the demo: each step is a file, so a re-run rebuilds only what is missing or out of date
+TINY := models/tiny-qwen3/manifest.json
+DATA := data/processed/train.jsonl
+RUN := models/tiny-qwen3-lora/train_info.json
+EVAL := models/tiny-qwen3-lora/eval-test/metrics.json
+MERGED := models/tiny-qwen3-lora-merged/manifest.json
+
+$(TINY): | $(STAMP)
+	$(PY) download_model.py --tiny
+$(DATA): data/sample_news.csv $(TINY) config.yaml
+	$(PY) prepare_data.py
+$(RUN): $(DATA)
+	$(PY) train_qwen.py --force
+$(EVAL): $(RUN)
+	$(PY) evaluate_model.py
+$(MERGED): $(RUN)
+	$(PY) merge_lora.py --force
+
+demo: $(STAMP) $(EVAL) $(MERGED)
+	PORT=$(DEMO_PORT) PYTHON=$(PY) bash demo_serve.sh
+
+demo-clean:
+	rm -rf models/tiny-qwen3 models/tiny-qwen3-lora models/tiny-qwen3-lora-merged data/processed
 
 clean-venv:
 	rm -rf $(VENV)

@@ -17,6 +17,8 @@ the model built from the checkpoint's tensors (0, or within 1e-6 in fp32).
 """
 from __future__ import annotations
 
+import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+
 import json
 import pickle
 import sys

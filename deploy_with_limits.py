@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from common.config import ConfigError, add_config_args, config_from_args, load_config, stage_parser
-from common.model_files import check_model_dir, newest_merged
+from common.model_files import check_model_dir, serving_model
 from common.monitoring import Stats, register_monitoring
 from common.openai_schema import (
     ApiError,
@@ -41,18 +41,6 @@ log = logging.getLogger("serve")
 
 
 # ----------------------------------------------------------------------------- what to serve
-def serving_model(cfg) -> tuple[Path, Path | None]:
-    """(model dir, adapter dir or None): serve.model, else the newest merged run, else model.path."""
-    s = cfg.serve
-    if s.model:
-        return cfg.resolve(s.model), cfg.resolve(s.adapter) if s.adapter else None
-    try:
-        base = cfg.resolve(cfg.model.path) if s.adapter else newest_merged(cfg.resolve(cfg.train.runs_dir))
-    except FileNotFoundError:
-        base = cfg.resolve(cfg.model.path)
-    return base, cfg.resolve(s.adapter) if s.adapter else None
-
-
 def api_keys() -> list[str]:
     """Bearer keys from API_KEYS (comma-separated) and API_KEYS_FILE (one a line); none = no auth."""
     keys = [k.strip() for k in os.environ.get("API_KEYS", "").split(",")]

@@ -11,6 +11,8 @@ confusion_matrix.png; prints a per-class table, items/s and latency.
 """
 from __future__ import annotations
 
+import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+
 import json
 import sys
 import time

@@ -19,8 +19,10 @@ threads = _s.max_concurrent + _s.max_queue + 4
 timeout = int(_s.request_timeout_s + 60)       # a worker is killed only well past the request deadline
 graceful_timeout = int(_s.graceful_timeout_s)
 keepalive = 5
-accesslog = str(_cfg.resolve(_cfg.logging.dir) / "gunicorn-access.log")
-errorlog = str(_cfg.resolve(_cfg.logging.dir) / "gunicorn-error.log")
+_logs = _cfg.resolve(_cfg.logging.dir)
+_logs.mkdir(parents=True, exist_ok=True)
+accesslog = str(_logs / "gunicorn-access.log")
+errorlog = str(_logs / "gunicorn-error.log")
 loglevel = _cfg.logging.level.lower()
 proc_name = "qwen-serve"
 

@@ -14,6 +14,8 @@ best label, fails the merge and leaves nothing at the target.
 """
 from __future__ import annotations
 
+import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+
 import json
 import math
 import sys

@@ -16,6 +16,8 @@ Make the copy on the kind of machine that serves it: on the CPU the layers that 
 """
 from __future__ import annotations
 
+import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+
 import json
 import sys
 import time

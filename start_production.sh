@@ -8,9 +8,11 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
 # preflight: the packages and the machine, then the model to serve and the port
-"$PY" verify_setup.py --quick > logs/verify_setup.txt 2>&1 || { cat logs/verify_setup.txt; echo "verify_setup.py failed: fix the FAIL lines above" >&2; exit 1; }
+mkdir -p logs
+"$PY" verify_setup.py --quick --serving > logs/verify_setup.txt 2>&1 || { cat logs/verify_setup.txt; echo "verify_setup.py failed: fix the FAIL lines above" >&2; exit 1; }
 "$PY" deploy_with_limits.py --check
 
-HOST_SHOWN=$("$PY" -c "from common.config import load_config; s = load_config().serve; print(f'http://{s.host}:{s.port}')")
-echo "starting gunicorn on $HOST_SHOWN (logs/serve.jsonl, logs/gunicorn-*.log); health: $HOST_SHOWN/health"
+read -r URL LOGS < <("$PY" -c "from common.config import load_config; c = load_config(); \
+print(f'http://{c.serve.host}:{c.serve.port}', c.resolve(c.logging.dir))")
+echo "starting gunicorn on $URL (logs: $LOGS/serve.jsonl, $LOGS/gunicorn-*.log); health: $URL/health"
 exec "$PY" -m gunicorn -c gunicorn.conf.py

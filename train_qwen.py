@@ -12,6 +12,8 @@ The loss sees only the answer tokens (label + <|im_end|>), through the prompt co
 """
 from __future__ import annotations
 
+import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+
 import dataclasses
 import hashlib
 import json

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common.config import ROOT, ConfigError, add_config_args, config_from_args, stage_parser
 from common.memory import GIB, model_shape, serving_fit
-from common.model_files import check_model_dir
+from common.model_files import check_model_dir, serving_model
 
 
 @dataclass
@@ -175,8 +175,8 @@ def check_memory_fit(cfg, model_dir: Path, gpu_gib: float | None) -> Check:
                  "" if status == "PASS" else "lower serve.max_concurrent or the token caps, or serve 4bit")
 
 
-def run_checks(cfg, quick: bool) -> list[Check]:
-    model_dir = cfg.resolve(cfg.model.path)
+def run_checks(cfg, quick: bool, serving: bool = False) -> list[Check]:
+    model_dir = serving_model(cfg)[0] if serving else cfg.resolve(cfg.model.path)
     checks = [check_python(), *check_packages(ROOT / "requirements.txt")]
     accel, gpu_gib = check_accelerator()
     checks += accel + [check_bitsandbytes(), check_disk(ROOT, cfg.verify.min_free_disk_gb), check_model(model_dir)]
@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     parser = stage_parser(__doc__)
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.add_argument("--quick", action="store_true", help="skip loading the tokenizer")
+    parser.add_argument("--serving", action="store_true",
+                        help="check the model the service would load (serve.model / MODEL_PATH, the newest merge)")
     add_config_args(parser, "verify", model_help="model directory to check")
     args = parser.parse_args(argv)
     try:
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    checks = run_checks(cfg, args.quick)
+    checks = run_checks(cfg, args.quick, args.serving)
     if args.json:
         print(json.dumps([asdict(c) for c in checks], indent=2, ensure_ascii=False))
     else:

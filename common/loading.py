@@ -73,17 +73,15 @@ class _OncePerMessage(logging.Filter):
 
 def quiet_bitsandbytes() -> None:
     """bitsandbytes logs a warning on every 8-bit matmul on the CPU (the fp16 cast): once is enough.
-    Its CPU backend also asks for the optional `kernels` package, which would fetch code from a hub
-    at run time; the built-in CPU path works without it, so that notice is dropped."""
+    (Its import-time `kernels` notice is dropped in common/__init__.py, before torch loads it.)"""
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _OncePerMessage) for f in logger.filters):
         logger.addFilter(_OncePerMessage())
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # peft still calls the old name; the warning says nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
-quiet_bitsandbytes()  # before anything imports bitsandbytes: the kernels notice comes at import
+quiet_bitsandbytes()
 
 
 def load_tokenizer(path: str | Path):

@@ -173,3 +173,15 @@ def copy_extras(sources: list[Path], dst: Path) -> list[str]:
 
 def dir_size(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def serving_model(cfg) -> tuple[Path, Path | None]:
+    """(model dir, adapter dir or None): serve.model, else the newest merged run, else model.path."""
+    s = cfg.serve
+    if s.model:
+        return cfg.resolve(s.model), cfg.resolve(s.adapter) if s.adapter else None
+    try:
+        base = cfg.resolve(cfg.model.path) if s.adapter else newest_merged(cfg.resolve(cfg.train.runs_dir))
+    except FileNotFoundError:
+        base = cfg.resolve(cfg.model.path)
+    return base, cfg.resolve(s.adapter) if s.adapter else None
