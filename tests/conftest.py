@@ -37,8 +37,9 @@ def tokenizer(tiny_model):
 @pytest.fixture(autouse=True)
 def _no_user_env(monkeypatch):
     """Deployment variables from the developer's shell must not leak into config tests."""
-    from common.config import ENV_KEYS
     import os
+
+    from common.config import ENV_KEYS
     for var in [*ENV_KEYS, "QWEN_CONFIG", "API_KEYS", "API_KEYS_FILE", *[v for v in os.environ if v.startswith("QWEN_")]]:
         monkeypatch.delenv(var, raising=False)
 
