@@ -25,17 +25,8 @@ from pathlib import Path
 from common.config import ConfigError, add_config_args, config_from_args, load_config, stage_parser
 from common.model_files import check_model_dir, serving_model
 from common.monitoring import Stats, register_monitoring
-from common.openai_schema import (
-    ApiError,
-    Params,
-    chat_chunk,
-    chat_response,
-    completion_response,
-    new_id,
-    parse_chat,
-    parse_completion,
-    usage,
-)
+from common.openai_schema import (ApiError, Params, chat_chunk, chat_response, completion_response, new_id,
+                                  parse_chat, parse_completion, parse_labels, usage)
 
 log = logging.getLogger("serve")
 
@@ -94,19 +85,23 @@ class ServerState:
 
 
 # ----------------------------------------------------------------------------- request handling
-def prompt_ids(state: ServerState, p: Params) -> list[int]:
-    from common.prompts import encode_text, render_prompt
-    if p.messages is not None:
-        thinking = p.chat_template_kwargs.get("enable_thinking", state.cfg.prompt.enable_thinking)
-        text = render_prompt(state.tokenizer, p.messages, thinking)
-    else:
-        text = p.prompt
+def capped_ids(state: ServerState, text: str, param: str) -> list[int]:
+    """The prompt's token ids, tokenized once per request; 400 with both numbers past the cap."""
+    from common.prompts import encode_text
     ids = encode_text(state.tokenizer, text)
     cap = state.cfg.serve.max_prompt_tokens
     if len(ids) > cap:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this server accepts at most {cap}",
-                       param="messages" if p.messages is not None else "prompt", code="context_length_exceeded")
+                       param=param, code="context_length_exceeded")
     return ids
+
+
+def prompt_ids(state: ServerState, p: Params) -> list[int]:
+    from common.prompts import render_prompt
+    if p.messages is None:
+        return capped_ids(state, p.prompt, "prompt")
+    thinking = p.chat_template_kwargs.get("enable_thinking", state.cfg.prompt.enable_thinking)
+    return capped_ids(state, render_prompt(state.tokenizer, p.messages, thinking), "messages")
 
 
 def submit(state: ServerState, req) -> None:
@@ -136,9 +131,9 @@ def wait(state: ServerState, req) -> None:
         raise ApiError(500, "generation failed on the server; see its log", type="server_error", code="engine_error")
 
 
-def classify(state: ServerState, prompts: list[str], labels: list[str], deadline: float) -> list[tuple[str, float, dict]]:
+def classify(state: ServerState, ids: list[list[int]], labels: list[str], deadline: float) -> list[tuple[str, float, dict]]:
     from common.engine import ScoreRequest
-    req = ScoreRequest(prompts=prompts, labels=labels, deadline=deadline)
+    req = ScoreRequest(prompt_ids=ids, labels=labels, deadline=deadline)
     submit(state, req)
     wait(state, req)
     out = []
@@ -348,8 +343,7 @@ def register_routes(app, state: ServerState, limits, ready_for, finish) -> None:
             if p.stream:
                 raise ApiError(400, "classification ('labels') answers in one piece; send stream: false", param="stream")
             labels = resolve_labels(state, p.labels)
-            text = state.tokenizer.decode(ids)
-            (label, prob, probs), = classify(state, [text], labels, time.monotonic() + s.request_timeout_s)
+            (label, prob, probs), = classify(state, [ids], labels, time.monotonic() + s.request_timeout_s)
             n_out = len(answer_ids(state.tokenizer, label))
             g.tokens = (len(ids), n_out)
             return jsonify(chat_response(rid, state.name, label, "stop", usage(len(ids), n_out),
@@ -388,13 +382,11 @@ def register_routes(app, state: ServerState, limits, ready_for, finish) -> None:
             raise ApiError(400, "'text' must be a non-empty string or a list of 1-32 of them", param="text")
         p = Params(model=body.get("model"), labels=body.get("labels", True))
         ready_for(p)
-        labels = resolve_labels(state, parse_chat({"messages": [{"role": "user", "content": "x"}],
-                                                   "labels": p.labels}, s).labels)
-        prompts = [classification_prompt(state.tokenizer, t, labels, state.cfg.prompt) for t in texts]
-        for prompt in prompts:  # the prompt cap holds here too
-            prompt_ids(state, Params(model=None, prompt=prompt))
-        results = classify(state, prompts, labels, time.monotonic() + s.request_timeout_s)
-        g.tokens = (sum(len(state.tokenizer(x)["input_ids"]) for x in prompts), len(results))
+        labels = resolve_labels(state, parse_labels({"labels": p.labels}))
+        ids = [capped_ids(state, classification_prompt(state.tokenizer, t, labels, state.cfg.prompt), "text")
+               for t in texts]
+        results = classify(state, ids, labels, time.monotonic() + s.request_timeout_s)
+        g.tokens = (sum(map(len, ids)), len(results))
         return jsonify({"id": new_id("cls"), "object": "classification", "model": state.name,
                         "results": [{"label": lab, "probability": pr, "probabilities": ps} for lab, pr, ps in results]})
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -286,7 +287,7 @@ def train(cfg, args) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("trainable parameters: %s (%.2f%% of %s)", f"{n_train:,}",
              100 * n_train / sum(p.numel() for p in model.parameters()), f"{sum(p.numel() for p in model.parameters()):,}")
-    rng = __import__("random").Random(t.seed)
+    rng = random.Random(t.seed)
     val_sample = rng.sample(splits["val"], min(t.eval_max_items, len(splits["val"]))) if labels else []
     collator = LeftPadCollator(tokenizer.pad_token_id)
     trainer = make_trainer_class()(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.scoring import score_labels
+from common.scoring import score_label_ids
 
 log = logging.getLogger("serve.engine")
 
@@ -54,7 +54,7 @@ class GenRequest:
 
 @dataclass
 class ScoreRequest:
-    prompts: list[str]
+    prompt_ids: list[list[int]]
     labels: list[str]
     deadline: float
     logprobs: torch.Tensor | None = None
@@ -182,7 +182,7 @@ class Engine:
     def _score(self, s: ScoreRequest) -> None:
         if s.cancelled or time.monotonic() > s.deadline:
             return self._finish(s, "timeout")
-        s.logprobs = score_labels(self.model, self.tok, s.prompts, s.labels, batch_size=len(s.prompts)).logprobs
+        s.logprobs = score_label_ids(self.model, self.tok, s.prompt_ids, s.labels, len(s.prompt_ids)).logprobs
         self._finish(s, "stop")
 
     @torch.no_grad()

@@ -97,7 +97,8 @@ def parse_messages(messages) -> list[dict]:
     return out
 
 
-def _labels(body: dict):
+def parse_labels(body: dict):
+    """`labels` (or vLLM's `guided_choice`): None, True (the model's labels.json) or a list of labels."""
     value = body.get("labels", body.get("guided_choice"))
     name = "labels" if "labels" in body else "guided_choice"
     if value is None or value is True:
@@ -145,7 +146,7 @@ def parse_chat(body, limits) -> Params:
     if not isinstance(kwargs, dict) or not set(kwargs) <= {"enable_thinking"} \
             or not isinstance(kwargs.get("enable_thinking", False), bool):
         raise bad("chat_template_kwargs", "'chat_template_kwargs' may only hold 'enable_thinking' (true/false)")
-    return Params(messages=parse_messages(body.get("messages")), labels=_labels(body), chat_template_kwargs=kwargs,
+    return Params(messages=parse_messages(body.get("messages")), labels=parse_labels(body), chat_template_kwargs=kwargs,
                   **_common(body, limits))
 
 

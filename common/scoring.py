@@ -78,14 +78,21 @@ def _score_batch(model, prompt_ids: list[list[int]], cand: torch.Tensor, cand_ma
     return total.view(n, k).cpu()
 
 
+def score_label_ids(model, tokenizer, prompt_ids: list[list[int]], labels: list[str], batch_size: int = 8,
+                    progress=None) -> LabelScores:
+    """Log-probability of each label after each tokenized prompt, `batch_size` prompts at a time."""
+    cand, cand_mask = label_tokens(tokenizer, labels)
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start:start + batch_size]
+        out.append(_score_batch(model, batch, cand, cand_mask, tokenizer.pad_token_id))
+        if progress is not None:
+            progress.update(len(batch))
+    return LabelScores(torch.cat(out) if out else torch.empty(0, len(labels)))
+
+
 def score_labels(model, tokenizer, prompts: list[str], labels: list[str], batch_size: int = 8,
                  progress=None) -> LabelScores:
-    """Log-probability of each label after each rendered prompt, `batch_size` prompts at a time."""
-    cand, cand_mask = label_tokens(tokenizer, labels)
-    encoded = [encode_text(tokenizer, p) for p in prompts]
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        out.append(_score_batch(model, encoded[start:start + batch_size], cand, cand_mask, tokenizer.pad_token_id))
-        if progress is not None:
-            progress.update(len(encoded[start:start + batch_size]))
-    return LabelScores(torch.cat(out) if out else torch.empty(0, len(labels)))
+    """The same for rendered prompt texts (training's evaluation and evaluate_model.py)."""
+    return score_label_ids(model, tokenizer, [encode_text(tokenizer, p) for p in prompts], labels, batch_size,
+                           progress)

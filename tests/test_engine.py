@@ -81,7 +81,6 @@ def test_stop_strings_and_streamed_text(model, tokenizer):
 
 def test_score_requests_share_the_thread(model, tokenizer):
     engine = Engine(model, tokenizer, max_concurrent=2, max_queue=2, max_queue_wait_s=30)
-    s = ScoreRequest(prompts=[render_prompt(tokenizer, [{"role": "user", "content": "x"}])], labels=["a", "b"],
-                     deadline=time.monotonic() + 30)
+    s = ScoreRequest(prompt_ids=[ids_for(tokenizer, "x")], labels=["a", "b"], deadline=time.monotonic() + 30)
     engine.submit(s)
     assert s.done.wait(30) and s.logprobs.shape == (1, 2) and torch.isfinite(s.logprobs).all()

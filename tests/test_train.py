@@ -36,7 +36,8 @@ def test_answer_only_loss_equals_the_full_sequence_loss(tiny_model, tokenizer, p
     model = load_model(tiny_model).eval()
     with torch.no_grad():
         reference = model(**batch).loss  # transformers' loss over full logits
-        trainer = make_trainer_class().__new__(make_trainer_class())  # only compute_loss is exercised
+        cls = make_trainer_class()
+        trainer = cls.__new__(cls)  # only compute_loss is exercised: it needs no trainer state
         ours = trainer.compute_loss(model, dict(batch))
     assert torch.allclose(ours, reference, atol=1e-5), (ours, reference)
     assert batch["input_ids"][0, 0] == tokenizer.pad_token_id or batch["attention_mask"].all()  # left padding
