@@ -20,7 +20,8 @@ from pathlib import Path
 
 import requests
 
-from common.config import ROOT, stage_parser
+from common.cli import stage_parser
+from common.config import ROOT
 
 
 def machine() -> str:
@@ -37,20 +38,19 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-PLAIN = False  # --plain: only standard OpenAI fields, for a peer server (no ignore_eos, no /v1/classify)
-
-
-def chat_body(model: str, text: str, max_tokens: int) -> dict:
+def chat_body(model: str, text: str, max_tokens: int, plain: bool) -> dict:
+    """A greedy chat request; `plain` (a peer server) keeps to standard OpenAI fields, so no ignore_eos."""
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": text}]}
-    return body if PLAIN else body | {"ignore_eos": True}
+    return body if plain else body | {"ignore_eos": True}
 
 
-def load_run(url: str, model: str, texts: list[str], concurrency: int, n: int, max_tokens: int, headers) -> dict:
+def load_run(url: str, model: str, texts: list[str], concurrency: int, n: int, max_tokens: int, headers,
+             plain: bool) -> dict:
     """n generation requests from `concurrency` clients at once: requests/s, tokens/s, latency."""
     def one(i):
         t0 = time.perf_counter()
-        r = requests.post(url + "/v1/chat/completions", json=chat_body(model, texts[i % len(texts)], max_tokens),
-                          headers=headers, timeout=600)
+        r = requests.post(url + "/v1/chat/completions",
+                          json=chat_body(model, texts[i % len(texts)], max_tokens, plain), headers=headers, timeout=600)
         r.raise_for_status()
         return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
     t0 = time.perf_counter()
@@ -103,7 +103,6 @@ def bare_generate(model_dir: str, texts: list[str], n: int, max_tokens: int) -> 
 
 
 def main(argv=None) -> int:
-    global PLAIN
     parser = stage_parser(__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key")
@@ -118,7 +117,6 @@ def main(argv=None) -> int:
                         help="standard OpenAI fields only (a peer such as `transformers serve`); no classification")
     parser.add_argument("--bare", metavar="MODEL_DIR", help="instead of a server: model.generate in this process")
     args = parser.parse_args(argv)
-    PLAIN = args.plain
     items = json.loads(Path(args.data).read_text(encoding="utf-8"))
     if args.bare:
         r = bare_generate(args.bare, [it["text"] for it in items], args.requests, args.max_tokens)
@@ -129,10 +127,10 @@ def main(argv=None) -> int:
     url = args.url.rstrip("/")
     try:
         model = args.model or requests.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-        requests.post(url + "/v1/chat/completions", json=chat_body(model, "warm up", 4), headers=headers,
+        requests.post(url + "/v1/chat/completions", json=chat_body(model, "warm up", 4, args.plain), headers=headers,
                       timeout=600).raise_for_status()
-        runs = [load_run(url, model, [it["text"] for it in items], c, args.requests, args.max_tokens, headers)
-                for c in args.concurrency]
+        runs = [load_run(url, model, [it["text"] for it in items], c, args.requests, args.max_tokens, headers,
+                         args.plain) for c in args.concurrency]
         cls = None if args.plain else classification_run(url, model, items[:args.classify_items], headers)
     except (requests.RequestException, KeyError, IndexError) as e:
         print(f"error: {e} (is the service at {url} running, with rate limits above this load?)", file=sys.stderr)

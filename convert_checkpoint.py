@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
 
-import json
 import pickle
 import sys
 import time
@@ -28,17 +27,17 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, add_config_args, config_from_args, stage_parser
+from common.cli import run_stage
+from common.config import ConfigError, UserError
 from common.loading import load_tokenizer
 from common.model_files import check_model_dir, copy_extras, dir_size, save_atomically, weight_files, write_manifest
-from common.prompts import render_prompt
+from common.prompts import probe_records, prompt_and_answer
 
 DEFAULT_PREFIXES = ("module.", "_orig_mod.", "actor.", "_fsdp_wrapped_module.")
 WRAPPER_KEYS = ("state_dict", "model", "module")  # Lightning, most trainers, DeepSpeed
-PROBE_TEXT = "央行宣布下调存款准备金率0.5个百分点。"
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A checkpoint that cannot become the base architecture: one sentence naming what and why."""
 
 
@@ -175,21 +174,24 @@ def load_into_base(tensors: dict[str, torch.Tensor], base: Path, prefixes: tuple
                    "missing": missing, "stripped": stripped}
 
 
-def convert(cfg, args) -> dict:
+def run(cfg, checkpoint: str, output: str, base: str | None = None, strip: tuple[str, ...] = (),
+        allow_missing: bool = False, force: bool = False) -> dict:
+    """Load `checkpoint`'s tensors into the architecture of `base` (default model.path) and write `output`."""
     from transformers import AutoModelForCausalLM
-    base = Path(args.base) if args.base else cfg.resolve(cfg.model.path)
-    ckpt, target = Path(args.checkpoint), Path(args.output)
+    base = Path(base) if base else cfg.resolve(cfg.model.path)
+    ckpt, target = Path(checkpoint), Path(output)
     if not (base / "config.json").is_file() or not (base / "tokenizer_config.json").is_file():
         raise ConfigError(f"--base {base} needs config.json and a tokenizer: pass the model directory the "
                           f"checkpoint was trained from")
-    if target.exists() and not args.force:
+    if target.exists() and not force:
         raise ConfigError(f"{target} exists; pass --force to replace it")
     start = time.time()
     tensors = read_checkpoint(ckpt)
-    model, found = load_into_base(tensors, base, DEFAULT_PREFIXES + tuple(args.strip), args.allow_missing)
+    model, found = load_into_base(tensors, base, DEFAULT_PREFIXES + tuple(strip), allow_missing)
     del tensors  # the model holds what it needs
     tokenizer = load_tokenizer(base)
-    prompt = render_prompt(tokenizer, [{"role": "user", "content": PROBE_TEXT}])
+    # the round-trip check compares logits on one prompt: the chat probe of the prompt contract
+    prompt = prompt_and_answer(tokenizer, probe_records(None, cfg.prompt)[0], None, cfg.prompt)[0]
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     expected = probe_logits(model, ids)
     tolerance = 1e-6 if found["dtype"] == torch.float32 else 0.0
@@ -210,7 +212,7 @@ def convert(cfg, args) -> dict:
         write_manifest(tmp, source="convert", checkpoint=str(ckpt), base=str(base), stripped=found["stripped"],
                        unexpected=found["unexpected"], from_base=found["missing"], max_abs_diff=found["max_abs_diff"])
 
-    save_atomically(target, write, args.force)
+    save_atomically(target, write, force)
     return {**found, "tolerance": tolerance, "checkpoint": ckpt, "base": base, "target": target,
             "size": dir_size(target), "seconds": time.time() - start}
 
@@ -230,8 +232,7 @@ def report(f: dict) -> None:
           f"{f['size'] / 1e6:.1f} MB in {f['seconds']:.1f}s")
 
 
-def main(argv=None) -> int:
-    parser = stage_parser(__doc__)
+def add_args(parser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help=".pt / .bin state dict or .safetensors")
     parser.add_argument("--base", metavar="DIR", help="model directory whose architecture and tokenizer to use "
                                                       "(default: model.path)")
@@ -240,15 +241,12 @@ def main(argv=None) -> int:
                         help=f"another key prefix to strip (repeatable; always: {' '.join(DEFAULT_PREFIXES)})")
     parser.add_argument("--allow-missing", action="store_true", help="take tensors the checkpoint lacks from the base")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        figures = convert(config_from_args(args), args)
-    except (ConfigError, ConvertError, OSError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    report(figures)
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_stage("convert_checkpoint", __doc__, lambda cfg, a: run(cfg, a.checkpoint, a.output, a.base,
+                                                                          tuple(a.strip), a.allow_missing, a.force),
+                     add_args=add_args, report=report, argv=argv)
 
 
 if __name__ == "__main__":

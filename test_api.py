@@ -19,7 +19,8 @@ from pathlib import Path
 
 import requests
 
-from common.config import ROOT, stage_parser
+from common.cli import stage_parser
+from common.config import ROOT
 
 
 @dataclass

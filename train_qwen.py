@@ -15,11 +15,12 @@ from __future__ import annotations
 import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
 
 import dataclasses
-import hashlib
 import json
+import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,49 +28,23 @@ from pathlib import Path
 import torch
 import yaml
 
-from common.config import ConfigError, add_config_args, config_from_args, stage_parser
+from common.batching import left_pad, position_ids
+from common.cli import run_stage
+from common.config import ConfigError
+from common.data import LABELS_FILE, data_hash, load_splits, read_labels
 from common.loading import load_tokenizer, pick_device, pick_dtype, quantization_config
 from common.memory import model_shape, training_fit
 from common.metrics import classification_metrics
-from common.prompts import IGNORE_INDEX, classification_prompt, encode_example, render_prompt
+from common.prompts import IGNORE_INDEX, classification_prompt, encode_example, prompt_and_answer
 from common.scoring import score_labels
 
 METHOD_QUANT = {"lora": "none", "qlora": "4bit", "lora8": "8bit"}
-log = None  # set in main(), once logging is configured
+log = logging.getLogger("train_qwen")
 
 
 # ----------------------------------------------------------------------------- data
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_prepared(processed: Path) -> tuple[dict, dict[str, list[dict]]]:
-    """labels.json and the train/val splits; a clear error when prepare_data.py has not run."""
-    needed = [processed / n for n in ("labels.json", "train.jsonl", "val.jsonl")]
-    missing = [p.name for p in needed if not p.is_file()]
-    if missing:
-        raise ConfigError(f"{processed} lacks {', '.join(missing)}; run python prepare_data.py first")
-    info = json.loads((processed / "labels.json").read_text(encoding="utf-8"))
-    return info, {s: read_jsonl(processed / f"{s}.jsonl") for s in ("train", "val")}
-
-
-def prompt_and_answer(tokenizer, record: dict, labels: list[str], pcfg) -> tuple[str, str]:
-    """The prompt contract for both kinds of data: a text+label item or a chat `messages` record."""
-    if "messages" in record:
-        return render_prompt(tokenizer, record["messages"][:-1], pcfg.enable_thinking), record["messages"][-1]["content"]
-    return classification_prompt(tokenizer, record["text"], labels, pcfg), record["label"]
-
-
-def encode_records(tokenizer, records: list[dict], labels: list[str], pcfg) -> list[dict]:
+def encode_records(tokenizer, records: list[dict], labels: list[str] | None, pcfg) -> list[dict]:
     return [encode_example(tokenizer, *prompt_and_answer(tokenizer, r, labels, pcfg)) for r in records]
-
-
-def data_hash(processed: Path) -> str:
-    h = hashlib.sha256()
-    for name in ("labels.json", "train.jsonl", "val.jsonl"):
-        h.update((processed / name).read_bytes())
-    return h.hexdigest()
 
 
 class LeftPadCollator:
@@ -80,19 +55,11 @@ class LeftPadCollator:
         self.pad_id, self.real, self.total = pad_id, 0, 0
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        batch = {"input_ids": torch.full((len(features), width), self.pad_id),
-                 "labels": torch.full((len(features), width), IGNORE_INDEX),
-                 "attention_mask": torch.zeros((len(features), width), dtype=torch.long)}
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            batch["input_ids"][i, width - n:] = torch.tensor(f["input_ids"])
-            batch["labels"][i, width - n:] = torch.tensor(f["labels"])
-            batch["attention_mask"][i, width - n:] = 1
-        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        self.real += int(batch["attention_mask"].sum())
-        self.total += batch["attention_mask"].numel()
-        return batch
+        ids, mask = left_pad([f["input_ids"] for f in features], self.pad_id)
+        labels, _ = left_pad([f["labels"] for f in features], IGNORE_INDEX)
+        self.real += int(mask.sum())
+        self.total += mask.numel()
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids(mask)}
 
     @property
     def padding_ratio(self) -> float:
@@ -189,16 +156,16 @@ def check_memory(model_path: Path, tcfg, encoded: list[dict], device: str) -> st
 
 
 # ----------------------------------------------------------------------------- the run
-def run_paths(cfg, args) -> tuple[Path, str | None]:
+def run_paths(cfg, resume: bool, force: bool) -> tuple[Path, str | None]:
     """The run directory and, with --resume, its newest checkpoint; never clobbers a run silently."""
     t = cfg.train
     run_dir = cfg.resolve(t.runs_dir) / (t.run_name or f"{Path(cfg.model.path).name}-{t.method}")
     checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if args.resume:
+    if resume:
         if not checkpoints:
             raise ConfigError(f"--resume: {run_dir} has no checkpoint to continue from")
         return run_dir, str(checkpoints[-1])
-    if run_dir.exists() and not args.force:
+    if run_dir.exists() and not force:
         raise ConfigError(f"{run_dir} already exists; pass --resume to continue it, --run-name NEW for "
                           f"another run, or --force to replace it")
     return run_dir, None
@@ -211,6 +178,7 @@ def training_arguments(cfg, run_dir: Path, device: str, classification: bool):
         output_dir=str(run_dir / "checkpoints"), seed=t.seed, data_seed=t.seed,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        # transformers reads a warmup_steps value below 1 as a fraction of the total steps: the ratio
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, num_train_epochs=t.epochs, max_steps=t.max_steps,
         eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, load_best_model_at_end=True,
@@ -238,7 +206,7 @@ def save_run(trainer, run_dir: Path, cfg, processed: Path, info: dict) -> None:
     a["base_model_name_or_path"] = cfg.model.path  # as config.yaml names it: the repo can move
     adapter_cfg.write_text(json.dumps(a, indent=2))
     trainer.processing_class.save_pretrained(run_dir)
-    (run_dir / "labels.json").write_bytes((processed / "labels.json").read_bytes())
+    (run_dir / LABELS_FILE).write_bytes((processed / LABELS_FILE).read_bytes())
     (run_dir / "config.resolved.yaml").write_text(
         yaml.safe_dump(dataclasses.asdict(cfg), allow_unicode=True, sort_keys=False), encoding="utf-8")
     (run_dir / "history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
@@ -258,56 +226,72 @@ def make_log_callback():
     return JsonLog()
 
 
-def train(cfg, args) -> dict:
-    from transformers import EarlyStoppingCallback
-    t, device = cfg.train, pick_device()
+def check_settings(cfg) -> tuple[Path, Path]:
+    """(base model dir, prepared data dir), after the checks that need no model loaded."""
+    import importlib.util
+    t = cfg.train
     if t.method not in METHOD_QUANT:
         raise ConfigError(f"train.method must be one of {', '.join(METHOD_QUANT)}, got '{t.method}'")
-    import importlib.util
     for reporter in t.report_to:
         if importlib.util.find_spec(reporter) is None:
             raise ConfigError(f"train.report_to names {reporter}, which is not installed: pip install {reporter}")
-    model_path, processed = cfg.resolve(cfg.model.path), cfg.resolve(cfg.data.processed_dir)
+    model_path = cfg.resolve(cfg.model.path)
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"no model at {model_path}; run python download_model.py (--tiny for the CPU demo)")
-    run_dir, resume_from = run_paths(cfg, args)
-    info, splits = load_prepared(processed)
-    labels = info["labels"] if info.get("task") == "classification" else []
+    return model_path, cfg.resolve(cfg.data.processed_dir)
+
+
+def trainable_model(model_path: Path, tcfg, device: str):
+    """build_model, with what is trained in fp32 (whatever the base dtype), and its size logged."""
+    model = build_model(model_path, tcfg, device)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %s (%.2f%% of %s)", f"{n_train:,}", 100 * n_train / n_all, f"{n_all:,}")
+    return model, n_train
+
+
+def make_trainer(cfg, model, tokenizer, splits, encoded, labels, run_dir: Path, device: str):
+    from transformers import EarlyStoppingCallback
+    t = cfg.train
+    val_sample = random.Random(t.seed).sample(splits["val"], min(t.eval_max_items, len(splits["val"]))) \
+        if labels else []
+    stopping = [EarlyStoppingCallback(t.early_stopping_patience)] if t.early_stopping_patience > 0 else []
+    return make_trainer_class()(
+        model=model, args=training_arguments(cfg, run_dir, device, bool(labels)), train_dataset=encoded["train"],
+        eval_dataset=encoded["val"], data_collator=LeftPadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer, callbacks=[make_log_callback(), *stopping],
+        val_records=val_sample, labels=labels, prompt_cfg=cfg.prompt, eval_batch_size=t.eval_batch_size)
+
+
+def run(cfg, resume: bool = False, force: bool = False) -> dict:
+    """Train the adapter config.yaml's train section describes; returns the run's figures."""
+    t, device = cfg.train, pick_device()
+    model_path, processed = check_settings(cfg)
+    run_dir, resume_from = run_paths(cfg, resume, force)
+    splits = load_splits(processed, ("train", "val"))
+    labels = read_labels(processed)
     tokenizer = load_tokenizer(model_path)
     encoded = {s: encode_records(tokenizer, recs, labels, cfg.prompt) for s, recs in splits.items()}
     log.info(check_memory(model_path, t, encoded["train"], device))
     if resume_from is None and run_dir.exists():
-        import shutil
         shutil.rmtree(run_dir)  # --force, checked in run_paths
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.resolve(cfg.logging.dir) / "tensorboard" / run_dir.name))
-    model = build_model(model_path, t, device)
-    for p in model.parameters():  # adapters and saved modules train in fp32, whatever the base dtype
-        if p.requires_grad:
-            p.data = p.data.float()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("trainable parameters: %s (%.2f%% of %s)", f"{n_train:,}",
-             100 * n_train / sum(p.numel() for p in model.parameters()), f"{sum(p.numel() for p in model.parameters()):,}")
-    rng = random.Random(t.seed)
-    val_sample = rng.sample(splits["val"], min(t.eval_max_items, len(splits["val"]))) if labels else []
-    collator = LeftPadCollator(tokenizer.pad_token_id)
-    trainer = make_trainer_class()(
-        model=model, args=training_arguments(cfg, run_dir, device, bool(labels)), train_dataset=encoded["train"],
-        eval_dataset=encoded["val"], data_collator=collator, processing_class=tokenizer,
-        callbacks=[make_log_callback()] + ([EarlyStoppingCallback(t.early_stopping_patience)]
-                                           if t.early_stopping_patience > 0 else []),
-        val_records=val_sample, labels=labels, prompt_cfg=cfg.prompt, eval_batch_size=t.eval_batch_size)
+    model, n_train = trainable_model(model_path, t, device)
+    trainer = make_trainer(cfg, model, tokenizer, splits, encoded, labels, run_dir, device)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - start
-    final = trainer.evaluate()
     figures = {
-        "base_model": cfg.model.path, "method": t.method, "data_sha256": data_hash(processed),
-        "task": info.get("task"), "labels": labels, "global_step": trainer.state.global_step,
-        "best_checkpoint": trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric,
-        "final_eval": final, "train_seconds": round(seconds, 1),
+        "base_model": cfg.model.path, "method": t.method, "data_sha256": data_hash(processed, ("train", "val")),
+        "task": "classification" if labels else "chat", "labels": labels or [],
+        "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_metric": trainer.state.best_metric, "final_eval": trainer.evaluate(), "train_seconds": round(seconds, 1),
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1),
         "samples_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 2),
-        "padding_ratio": round(collator.padding_ratio, 4), "trainable_parameters": n_train,
+        "padding_ratio": round(trainer.data_collator.padding_ratio, 4), "trainable_parameters": n_train,
         "peak_memory_gib": round(peak_memory_gib(device), 2), "device": device,
     }
     if trainer.is_world_process_zero():
@@ -315,21 +299,7 @@ def train(cfg, args) -> dict:
     return figures | {"run_dir": str(run_dir)}
 
 
-def main(argv=None) -> int:
-    global log
-    parser = stage_parser(__doc__)
-    parser.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    parser.add_argument("--force", action="store_true", help="replace an existing run directory")
-    add_config_args(parser, "train", model_help="base model directory")
-    args = parser.parse_args(argv)
-    from common.logs import setup_logging
-    try:
-        cfg = config_from_args(args, "train")
-        log = setup_logging("train_qwen", cfg.resolve(cfg.logging.dir), cfg.logging.level)
-        figures = train(cfg, args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def report(figures: dict) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate/torchrun, rank 0 reports for all
         return 0
     ev = figures["final_eval"]
@@ -341,6 +311,16 @@ def main(argv=None) -> int:
     print(f"best on val: {score} ({figures['best_checkpoint']})")
     print(f"wrote {figures['run_dir']}/ (adapter, tokenizer, labels.json, config.resolved.yaml, train_info.json)")
     return 0 if not math.isnan(ev.get("eval_loss", 0.0)) else 1
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    parser.add_argument("--force", action="store_true", help="replace an existing run directory")
+
+
+def main(argv=None) -> int:
+    return run_stage("train_qwen", __doc__, lambda cfg, args: run(cfg, args.resume, args.force), section="train",
+                     model_help="base model directory", add_args=add_args, report=report, argv=argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.config import ROOT, ConfigError, add_config_args, config_from_args, stage_parser
+from common.cli import run_stage
+from common.config import ROOT
 from common.memory import GIB, model_shape, serving_fit
 from common.model_files import check_model_dir, serving_model
 
@@ -175,7 +176,8 @@ def check_memory_fit(cfg, model_dir: Path, gpu_gib: float | None) -> Check:
                  "" if status == "PASS" else "lower serve.max_concurrent or the token caps, or serve 4bit")
 
 
-def run_checks(cfg, quick: bool, serving: bool = False) -> list[Check]:
+def run(cfg, quick: bool = False, serving: bool = False) -> list[Check]:
+    """Every check, in the order the table shows them."""
     model_dir = serving_model(cfg)[0] if serving else cfg.resolve(cfg.model.path)
     checks = [check_python(), *check_packages(ROOT / "requirements.txt")]
     accel, gpu_gib = check_accelerator()
@@ -197,25 +199,24 @@ def print_table(checks: list[Check]) -> None:
     print(f"\n{counts['PASS']} passed, {counts['WARN']} warnings, {counts['FAIL']} failed")
 
 
-def main(argv=None) -> int:
-    parser = stage_parser(__doc__)
+def add_args(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.add_argument("--quick", action="store_true", help="skip loading the tokenizer")
     parser.add_argument("--serving", action="store_true",
                         help="check the model the service would load (serve.model / MODEL_PATH, the newest merge)")
-    add_config_args(parser, "verify", model_help="model directory to check")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args, "verify")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    checks = run_checks(cfg, args.quick, args.serving)
-    if args.json:
-        print(json.dumps([asdict(c) for c in checks], indent=2, ensure_ascii=False))
-    else:
-        print_table(checks)
-    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def main(argv=None) -> int:
+    def cli_run(cfg, args):
+        checks = run(cfg, args.quick, args.serving)
+        if args.json:
+            print(json.dumps([asdict(c) for c in checks], indent=2, ensure_ascii=False))
+        else:
+            print_table(checks)
+        return checks
+
+    return run_stage("verify_setup", __doc__, cli_run, section="verify", model_help="model directory to check",
+                     add_args=add_args, report=lambda checks: any(c.status == "FAIL" for c in checks), argv=argv)
 
 
 if __name__ == "__main__":

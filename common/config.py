@@ -6,7 +6,6 @@ Unknown keys and wrong types are errors that name the key, so a typo never passe
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
@@ -21,7 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.yaml"
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem the user caused and can fix: a stage prints its message as one sentence and exits 1
+    (common/cli.py). Every stage's own error (DataError, MergeError, ...) is one of these."""
+
+
+class ConfigError(UserError, ValueError):
     """A user-fixable problem with config.yaml, a profile, an env variable or a flag."""
 
 
@@ -156,10 +160,16 @@ class ServeConfig:
     max_prompt_tokens: int
     max_body_bytes: int
     max_stop: int
+    max_classify_texts: int
+    max_labels: int
     rate_limits: str
     global_rate_limit: str
     rate_limit_storage: str
     trusted_proxies: int
+    api_keys: list[str]
+    api_keys_file: str | None
+    retry_after_busy_s: int
+    retry_after_unavailable_s: int
     batch_wait_ms: float
     log_prompts: bool
     workers: int
@@ -194,7 +204,9 @@ class Config:
         return p if p.is_absolute() else ROOT / p
 
 
-# Deployment knobs that the environment (or .env) may set; documented in .env.example.
+# The named environment variables: deployment knobs and secrets, each an alias of one config key
+# (.env.example documents every one; tests/test_config.py checks that it does). Any key can also be
+# set as QWEN_<SECTION>_<KEY>; setting both routes of one key to different values is an error.
 ENV_KEYS = {
     "QWEN_PROFILE": "profile",
     "MODEL_PATH": "serve.model",
@@ -208,6 +220,8 @@ ENV_KEYS = {
     "RATE_LIMITS": "serve.rate_limits",
     "RATE_LIMIT_STORAGE": "serve.rate_limit_storage",
     "TRUSTED_PROXIES": "serve.trusted_proxies",
+    "API_KEYS": "serve.api_keys",
+    "API_KEYS_FILE": "serve.api_keys_file",
     "LOG_LEVEL": "logging.level",
     "LOGS_DIR": "logging.dir",
 }
@@ -287,7 +301,7 @@ def _field_type(dotted: str):
     return tp
 
 
-def _parse_text(dotted: str, text: str):
+def parse_text(dotted: str, text: str):
     """Text from env, --set or a flag, typed by the key: '8000' -> 8000 for an int, kept for a str."""
     tp = _field_type(dotted)
     optional_str = typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
@@ -344,77 +358,26 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
 
 def _env_overrides() -> dict[str, object]:
     """The named variables (ENV_KEYS), and QWEN_<SECTION>_<KEY> for any key (QWEN_SERVE_MAX_QUEUE=20)."""
-    out = {dotted: _parse_text(dotted, os.environ[var]) for var, dotted in ENV_KEYS.items()
-           if os.environ.get(var, "") != ""}
     sections = {f.name for f in fields(Config) if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])}
+    routes: dict[str, tuple[str, str]] = {}  # dotted key -> (variable, text)
     for var, text in os.environ.items():
-        if not var.startswith("QWEN_") or var in ENV_KEYS or var == "QWEN_CONFIG" or text == "":
+        if text == "" or var == "QWEN_CONFIG" or not (var in ENV_KEYS or var.startswith("QWEN_")):
             continue
-        section, _, key = var[5:].lower().partition("_")
-        if section not in sections:
-            raise ConfigError(f"environment variable {var}: no config section '{section}' "
-                              f"(QWEN_<SECTION>_<KEY>, sections: {', '.join(sorted(sections))})")
-        out[f"{section}.{key}"] = _parse_text(f"{section}.{key}", text)
-    return out
+        dotted = ENV_KEYS.get(var)
+        if dotted is None:
+            section, _, key = var[5:].lower().partition("_")
+            if section not in sections:
+                raise ConfigError(f"environment variable {var}: no config section '{section}' "
+                                  f"(QWEN_<SECTION>_<KEY>, sections: {', '.join(sorted(sections))})")
+            dotted = f"{section}.{key}"
+        if dotted in routes and routes[dotted][1] != text:
+            raise ConfigError(f"environment variables {routes[dotted][0]} and {var} both set {dotted}, "
+                              f"to different values; keep one")
+        routes[dotted] = (var, text)
+    return {dotted: parse_text(dotted, text) for dotted, (_, text) in routes.items()}
 
 
 def _load_dotenv() -> None:
     """A .env file beside config.yaml sets variables that the real environment has not set."""
     from dotenv import load_dotenv
     load_dotenv(ROOT / ".env", override=False)
-
-
-# ----------------------------------------------------------------------------- the CLI glue
-def stage_parser(doc: str | None) -> argparse.ArgumentParser:
-    """A stage's parser: its module docstring (with the example commands) is the --help text."""
-    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def add_config_args(parser: argparse.ArgumentParser, section: str | None = None,
-                    model_help: str | None = None) -> None:
-    """--config, --profile, --set, one flag per key of the stage's own section, and --model
-    (-> model.path) when the stage reads a model and `model_help` says what for.
-
-    The flags default to None ("not given"), so config.yaml stays the single source of defaults;
-    --help shows the value config.yaml gives each of them.
-    """
-    parser.add_argument("--config", help="config file to read (default: config.yaml, or $QWEN_CONFIG)")
-    parser.add_argument("--profile", help="overlay from config.yaml's profiles ('none' for the plain values)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any config key, e.g. --set serve.port=9000 (repeatable)")
-    if model_help:
-        parser.add_argument("--model", dest="cfg_model_path", metavar="DIR", help=f"{model_help} (default: model.path)")
-    if section is None:
-        return
-    try:
-        current = getattr(load_config(use_env=False), section)
-    except ConfigError:  # --help must work even when config.yaml is broken; the run will say why
-        current = None
-    section_cls = typing.get_type_hints(Config)[section]
-    for f in fields(section_cls):
-        tp = typing.get_type_hints(section_cls)[f.name]
-        shown = getattr(current, f.name) if current is not None else "?"
-        kwargs = dict(dest=f"cfg__{f.name}", default=None, help=f"default {section}.{f.name}: {shown!r}",
-                      metavar=None if tp is bool else f.name.upper())
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = str  # converted and checked with the config's own types
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-
-
-def config_from_args(args: argparse.Namespace, section: str | None = None) -> Config:
-    """Load the config with the overrides the command line gave."""
-    overrides: dict[str, object] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects SECTION.KEY=VALUE, got '{item}'")
-        overrides[key.strip()] = _parse_text(key.strip(), value)
-    if getattr(args, "cfg_model_path", None):
-        overrides["model.path"] = args.cfg_model_path
-    for name, value in vars(args).items():
-        if name.startswith("cfg__") and value is not None:
-            dotted = f"{section}.{name[5:]}"
-            overrides[dotted] = _parse_text(dotted, value) if isinstance(value, str) else value
-    return load_config(args.config, args.profile, overrides)

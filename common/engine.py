@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.batching import left_pad, position_ids
 from common.scoring import score_label_ids
 
 log = logging.getLogger("serve.engine")
@@ -89,7 +90,7 @@ def _left_pad_cache(cache, mask: torch.Tensor, width: int):
 
 class Engine:
     def __init__(self, model, tokenizer, max_concurrent: int, max_queue: int, max_queue_wait_s: float,
-                 batch_wait_ms: float = 5.0, eos_ids: list[int] | None = None):
+                 batch_wait_ms: float, eos_ids: list[int] | None = None):
         self.model, self.tok = model, tokenizer
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.max_queue_wait_s, self.batch_wait_s = max_queue_wait_s, batch_wait_ms / 1000
@@ -188,15 +189,10 @@ class Engine:
     @torch.no_grad()
     def _prefill(self, new: list[GenRequest]) -> None:
         """Run the new prompts as one left-padded batch and merge them into the running batch."""
-        width = max(len(r.prompt_ids) for r in new)
-        ids = torch.full((len(new), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, r in enumerate(new):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
+        for r in new:
             r.generator = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask = (t.to(self.device) for t in left_pad([r.prompt_ids for r in new], self.tok.pad_token_id))
+        pos = position_ids(mask)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache, last_pos = out.past_key_values, pos[:, -1] + 1
         if self.rows:  # join the running batch: both caches left-padded to the longer history

@@ -1,4 +1,8 @@
-"""Monitoring for the service: what /health, /stats and /metrics report, one Stats per worker."""
+"""Monitoring for the service: what /health, /stats and /metrics report, one Stats per worker.
+
+The three endpoints are module-level views over the worker's ServerState (app.extensions["qwen"]);
+deploy_with_limits.py's route table registers them with the rest.
+"""
 from __future__ import annotations
 
 import os
@@ -10,8 +14,9 @@ from collections import Counter, deque
 class Stats:
     """What /stats and /metrics report: outcomes, rejections, latency, tokens, memory."""
 
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Histogram
+    def __init__(self, load):
+        """`load()` gives (in flight, waiting) now: the engine's, for the gauges."""
+        from prometheus_client import CollectorRegistry, Gauge, Histogram
         from prometheus_client import Counter as PCounter
         self.started = time.time()
         self.lock = threading.Lock()
@@ -25,6 +30,9 @@ class Stats:
         self.p_latency = Histogram("qwen_request_seconds", "latency of answered requests", ["endpoint"],
                                    registry=self.registry, buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30, 60, 120))
         self.p_tokens = PCounter("qwen_tokens", "tokens processed", ["kind"], registry=self.registry)
+        Gauge("qwen_in_flight", "generations running", registry=self.registry).set_function(lambda: load()[0])
+        Gauge("qwen_queue", "requests waiting for a slot", registry=self.registry).set_function(lambda: load()[1])
+        self.load = load
 
     def record(self, endpoint: str, outcome: str, seconds: float, tokens_in: int = 0, tokens_out: int = 0) -> None:
         with self.lock:
@@ -67,41 +75,43 @@ def memory_report() -> dict:
     return {"device": "cpu", "rss_gib": round(rss / 1024**3, 2)}
 
 
-def register_monitoring(app, state) -> None:
-    """/health, /stats, /metrics for a ServerState (deploy_with_limits.py)."""
-    from flask import Response, jsonify
-    from prometheus_client import Gauge, generate_latest
+def _state():
+    from flask import current_app
+    return current_app.extensions["qwen"]
 
-    load = lambda i: state.engine.load()[i] if state.engine else 0  # noqa: E731
-    Gauge("qwen_in_flight", "generations running", registry=state.stats.registry).set_function(lambda: load(0))
-    Gauge("qwen_queue", "requests waiting for a slot", registry=state.stats.registry).set_function(lambda: load(1))
 
-    @app.get("/health")
-    def health():
-        if state.ready():
-            return jsonify({"status": "ok", "model": state.name})
-        status = "draining" if state.draining else "error" if state.error else "loading"
-        return jsonify({"status": status, "model": state.name, "error": state.error}), 503
+def health():
+    from flask import jsonify
+    state = _state()
+    if state.ready():
+        return jsonify({"status": "ok", "model": state.name})
+    status = "draining" if state.draining else "error" if state.error else "loading"
+    return jsonify({"status": status, "model": state.name, "error": state.error}), 503
 
-    @app.get("/stats")
-    def stats():
-        s, st = state.cfg.serve, state.stats
-        with st.lock:
-            outcomes, rejections = dict(st.outcomes), dict(st.rejections)
-        return jsonify({
-            "model": state.name, "model_dir": str(state.model_dir), "adapter": str(state.adapter or "") or None,
-            "status": "ok" if state.ready() else "unavailable", "uptime_s": round(time.time() - st.started, 1),
-            "requests": {"total": sum(outcomes.values()), "by_outcome": outcomes}, "rejections": rejections,
-            "in_flight": load(0), "queue": load(1),
-            "peak_admitted": state.engine.peak_admitted if state.engine else 0, "latency_s": st.percentiles(),
-            "tokens": {"prompt": st.tokens_in, "completion": st.tokens_out,
-                       "completion_per_s_last_minute": st.tokens_per_second()},
-            "memory": memory_report(), "worker_pid": os.getpid(),
-            "limits": {k: getattr(s, k) for k in ("max_concurrent", "max_queue", "max_queue_wait_s",
-                                                  "request_timeout_s", "max_tokens", "max_prompt_tokens",
-                                                  "max_body_bytes", "rate_limits", "global_rate_limit")},
-        })
 
-    @app.get("/metrics")
-    def metrics():
-        return Response(generate_latest(state.stats.registry), mimetype="text/plain; version=0.0.4")
+def stats():
+    from flask import jsonify
+    state = _state()
+    s, st = state.cfg.serve, state.stats
+    with st.lock:
+        outcomes, rejections = dict(st.outcomes), dict(st.rejections)
+    in_flight, waiting = st.load()
+    return jsonify({
+        "model": state.name, "model_dir": str(state.model_dir), "adapter": str(state.adapter or "") or None,
+        "status": "ok" if state.ready() else "unavailable", "uptime_s": round(time.time() - st.started, 1),
+        "requests": {"total": sum(outcomes.values()), "by_outcome": outcomes}, "rejections": rejections,
+        "in_flight": in_flight, "queue": waiting,
+        "peak_admitted": state.engine.peak_admitted if state.engine else 0, "latency_s": st.percentiles(),
+        "tokens": {"prompt": st.tokens_in, "completion": st.tokens_out,
+                   "completion_per_s_last_minute": st.tokens_per_second()},
+        "memory": memory_report(), "worker_pid": os.getpid(),
+        "limits": {k: getattr(s, k) for k in ("max_concurrent", "max_queue", "max_queue_wait_s",
+                                              "request_timeout_s", "max_tokens", "max_prompt_tokens",
+                                              "max_body_bytes", "rate_limits", "global_rate_limit")},
+    })
+
+
+def metrics():
+    from flask import Response
+    from prometheus_client import generate_latest
+    return Response(generate_latest(_state().stats.registry), mimetype="text/plain; version=0.0.4")

@@ -97,16 +97,38 @@ def parse_messages(messages) -> list[dict]:
     return out
 
 
-def parse_labels(body: dict):
+def _model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model", "'model' must be a string")
+    return model
+
+
+def parse_labels(body: dict, max_labels: int):
     """`labels` (or vLLM's `guided_choice`): None, True (the model's labels.json) or a list of labels."""
     value = body.get("labels", body.get("guided_choice"))
     name = "labels" if "labels" in body else "guided_choice"
     if value is None or value is True:
         return value
-    if (not isinstance(value, list) or not 2 <= len(value) <= 256
+    if (not isinstance(value, list) or not 2 <= len(value) <= max_labels
             or not all(isinstance(v, str) and v.strip() for v in value) or len(set(value)) != len(value)):
-        raise bad(name, f"'{name}' must be true (the model's labels) or a list of 2-256 distinct non-empty strings")
+        raise bad(name, f"'{name}' must be true (the model's labels) or a list of 2-{max_labels} distinct "
+                        f"non-empty strings")
     return value
+
+
+def parse_classify(body, limits) -> tuple[list[str], object, str | None]:
+    """POST /v1/classify: (texts, labels as parse_labels gives them, model)."""
+    if not isinstance(body, dict):
+        raise bad("body", "the request body must be a JSON object")
+    _check_keys(body, {"model", "text", "labels"})
+    texts = body.get("text")
+    texts = [texts] if isinstance(texts, str) else texts
+    n = limits.max_classify_texts
+    if not isinstance(texts, list) or not 1 <= len(texts) <= n or not all(isinstance(t, str) and t.strip()
+                                                                           for t in texts):
+        raise bad("text", f"'text' must be a non-empty string or a list of 1-{n} of them")
+    return texts, parse_labels({"labels": body.get("labels", True)}, limits.max_labels), _model(body)
 
 
 def _common(body: dict, limits) -> dict:
@@ -125,10 +147,7 @@ def _common(body: dict, limits) -> dict:
     for flag in ("stream", "ignore_eos"):
         if not isinstance(body.get(flag, False), bool):
             raise bad(flag, f"'{flag}' must be true or false")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad("model", "'model' must be a string")
-    return dict(model=model, max_tokens=max_tokens, stop=stop, stream=body.get("stream", False),
+    return dict(model=_model(body), max_tokens=max_tokens, stop=stop, stream=body.get("stream", False),
                 include_usage=bool(opts.get("include_usage")), ignore_eos=body.get("ignore_eos", False),
                 temperature=_number(body, "temperature", 0, 2, 1.0), top_p=_number(body, "top_p", 1e-6, 1, 1.0),
                 seed=_number(body, "seed", -2**63, 2**63 - 1, None, integer=True))
@@ -146,7 +165,7 @@ def parse_chat(body, limits) -> Params:
     if not isinstance(kwargs, dict) or not set(kwargs) <= {"enable_thinking"} \
             or not isinstance(kwargs.get("enable_thinking", False), bool):
         raise bad("chat_template_kwargs", "'chat_template_kwargs' may only hold 'enable_thinking' (true/false)")
-    return Params(messages=parse_messages(body.get("messages")), labels=parse_labels(body), chat_template_kwargs=kwargs,
+    return Params(messages=parse_messages(body.get("messages")), labels=parse_labels(body, limits.max_labels), chat_template_kwargs=kwargs,
                   **_common(body, limits))
 
 

@@ -41,6 +41,24 @@ def classification_prompt(tokenizer, text: str, labels: list[str], cfg: PromptCo
     return render_prompt(tokenizer, build_messages(text, labels, cfg), cfg.enable_thinking)
 
 
+def prompt_and_answer(tokenizer, record: dict, labels: list[str] | None, cfg: PromptConfig) -> tuple[str, str]:
+    """The prompt contract for both kinds of prepared data: a text+label item, or a chat `messages`
+    record whose last (assistant) turn is the answer."""
+    if "messages" in record:
+        return render_prompt(tokenizer, record["messages"][:-1], cfg.enable_thinking), record["messages"][-1]["content"]
+    return classification_prompt(tokenizer, record["text"], labels, cfg), record.get("label", "")
+
+
+def probe_records(labels: list[str] | None, cfg: PromptConfig) -> list[dict]:
+    """Records for a check that has no data to run on (a merge or conversion without a test split),
+    made of the task's own words: each label as a text to classify, or the system prompt as a user
+    turn for a chat model. Any real text gives logits to compare; these fit every domain."""
+    if labels:
+        return [{"text": label, "label": label} for label in labels]
+    text = cfg.system or cfg.user_template.format(labels="", text="")
+    return [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}]
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of rendered text; the template already holds every special token it needs."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.batching import left_pad, position_ids
 from common.prompts import answer_ids, encode_text
 
 
@@ -29,16 +30,6 @@ class LabelScores:
         return idx.tolist(), conf.tolist()
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 def label_tokens(tokenizer, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """[K, L] right-padded answer ids (label + <|im_end|>) and their mask."""
     seqs = [answer_ids(tokenizer, label) for label in labels]
@@ -54,9 +45,9 @@ def label_tokens(tokenizer, labels: list[str]) -> tuple[torch.Tensor, torch.Tens
 def _score_batch(model, prompt_ids: list[list[int]], cand: torch.Tensor, cand_mask: torch.Tensor,
                  pad_id: int) -> torch.Tensor:
     device = model.get_input_embeddings().weight.device
-    ids, mask = (t.to(device) for t in _left_pad(prompt_ids, pad_id))
+    ids, mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     n, k, length = ids.shape[0], cand.shape[0], cand.shape[1]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)            # [N, V]: the label's first token
     cache = out.past_key_values

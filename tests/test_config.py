@@ -73,3 +73,27 @@ def test_any_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("QWEN_SERVER_PORT", "1")
     with pytest.raises(ConfigError, match="QWEN_SERVER_PORT: no config section 'server'"):
         load_config()
+
+
+def test_one_key_two_routes_must_agree(monkeypatch):
+    monkeypatch.setenv("PORT", "9000")
+    monkeypatch.setenv("QWEN_SERVE_PORT", "9000")
+    assert load_config().serve.port == 9000  # the same value by both routes is fine
+    monkeypatch.setenv("QWEN_SERVE_PORT", "9100")
+    with pytest.raises(ConfigError, match="PORT and QWEN_SERVE_PORT both set serve.port"):
+        load_config()
+
+
+def test_secrets_come_from_the_environment(monkeypatch, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one a line\nsk-file\n")
+    monkeypatch.setenv("API_KEYS", "sk-a,sk-b")
+    monkeypatch.setenv("API_KEYS_FILE", str(keys))
+    from common.service import api_keys
+    assert api_keys(load_config().serve) == ["sk-a", "sk-b", "sk-file"]
+
+
+def test_env_example_documents_every_named_variable():
+    from common.config import ENV_KEYS, ROOT
+    text = (ROOT / ".env.example").read_text(encoding="utf-8")
+    assert [var for var in ENV_KEYS if f"# {var}=" not in text] == []

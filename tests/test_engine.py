@@ -32,23 +32,24 @@ def reference(model, prompt_ids, n):
 
 
 def test_greedy_equals_generate_alone_and_when_joining(model, tokenizer):
-    engine = Engine(model, tokenizer, max_concurrent=3, max_queue=4, max_queue_wait_s=30)
+    engine = Engine(model, tokenizer, max_concurrent=3, max_queue=4, max_queue_wait_s=30, batch_wait_ms=5.0)
     alone = request(tokenizer, "你好，世界", 24)
     engine.submit(alone)
     assert alone.done.wait(30) and alone.finish_reason == "length"
     expected = reference(model, alone.prompt_ids, 24)
     assert alone.out_ids == expected
-    busy = request(tokenizer, "先占住批次的一个更长的提示。" * 3, 150)
+    busy = request(tokenizer, "先占住批次的一个更长的提示。" * 3, 400, events=queue.Queue())
     engine.submit(busy)
-    time.sleep(0.2)  # busy is decoding: the next one joins a running batch with a longer history
+    assert busy.events.get(timeout=30)[0] == "delta"  # busy is decoding now
     joined = request(tokenizer, "你好，世界", 24)
     engine.submit(joined)
-    assert joined.done.wait(30) and busy.done.wait(60)
-    assert joined.out_ids == expected and busy.out_ids == reference(model, busy.prompt_ids, 150)
+    assert joined.done.wait(30) and not busy.done.is_set()  # so joined ran inside busy's batch, start to end
+    assert busy.done.wait(60)
+    assert joined.out_ids == expected and busy.out_ids == reference(model, busy.prompt_ids, 400)
 
 
 def test_admission_is_bounded_and_the_deadline_stops_generation(model, tokenizer):
-    engine = Engine(model, tokenizer, max_concurrent=2, max_queue=1, max_queue_wait_s=30)
+    engine = Engine(model, tokenizer, max_concurrent=2, max_queue=1, max_queue_wait_s=30, batch_wait_ms=5.0)
     held = [request(tokenizer, f"长{i}", 400) for i in range(3)]
     for r in held:
         engine.submit(r)
@@ -65,7 +66,7 @@ def test_admission_is_bounded_and_the_deadline_stops_generation(model, tokenizer
 
 
 def test_stop_strings_and_streamed_text(model, tokenizer):
-    engine = Engine(model, tokenizer, max_concurrent=2, max_queue=2, max_queue_wait_s=30)
+    engine = Engine(model, tokenizer, max_concurrent=2, max_queue=2, max_queue_wait_s=30, batch_wait_ms=5.0)
     probe = request(tokenizer, "停", 12)
     engine.submit(probe)
     probe.done.wait(30)
@@ -80,7 +81,7 @@ def test_stop_strings_and_streamed_text(model, tokenizer):
 
 
 def test_score_requests_share_the_thread(model, tokenizer):
-    engine = Engine(model, tokenizer, max_concurrent=2, max_queue=2, max_queue_wait_s=30)
+    engine = Engine(model, tokenizer, max_concurrent=2, max_queue=2, max_queue_wait_s=30, batch_wait_ms=5.0)
     s = ScoreRequest(prompt_ids=[ids_for(tokenizer, "x")], labels=["a", "b"], deadline=time.monotonic() + 30)
     engine.submit(s)
     assert s.done.wait(30) and s.logprobs.shape == (1, 2) and torch.isfinite(s.logprobs).all()

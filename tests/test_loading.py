@@ -13,8 +13,15 @@ def test_plain_auto_classes_load_it(tiny_model):
     assert model.config.vocab_size == 151936 and not model.config.tie_word_embeddings
 
 
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_order_cuda_mps_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert pick_device() == expected
+
+
 def test_cpu_defaults():
-    assert pick_device() == "cpu" and pick_dtype("cpu") == torch.float32
+    assert pick_dtype("cpu") == torch.float32
     assert resolve_quantization("auto", "cpu") == "none" and resolve_quantization("auto", "cuda") == "8bit"
     with pytest.raises(ValueError, match="quantization must be"):
         resolve_quantization("int3", "cpu")
@@ -46,7 +53,23 @@ def test_quantized_loading_runs_on_cpu(tiny_model, prompt_ids, full_logits, mode
 
 
 def test_generation_stops_at_im_end(tiny_model, tokenizer, prompt_ids):
+    """The saved generation config makes a plain generate() stop at <|im_end|>: with the head nudged to
+    emit it after two tokens, generation ends there instead of running to max_new_tokens."""
     model = load_model(tiny_model).eval()
-    assert model.generation_config.eos_token_id == [151645, 151643]
-    out = model.generate(prompt_ids, max_new_tokens=4, attention_mask=torch.ones_like(prompt_ids))
-    assert out.shape[1] <= prompt_ids.shape[1] + 4
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id == [im_end, tokenizer.pad_token_id]
+    start, steps = prompt_ids.shape[1], []
+
+    def favour_im_end(module, args, logits):
+        steps.append(1)  # the third step (prefill, then two decode steps) picks <|im_end|>; none before it
+        logits[..., [im_end, tokenizer.pad_token_id]] -= 1e4
+        if len(steps) == 3:
+            logits[..., im_end] += 2e4
+        return logits
+
+    hook = model.lm_head.register_forward_hook(favour_im_end)
+    try:
+        out = model.generate(prompt_ids, max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(prompt_ids))
+    finally:
+        hook.remove()
+    assert out.shape[1] == start + 3 and out[0, -1] == im_end

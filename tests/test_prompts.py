@@ -69,3 +69,21 @@ def test_reply_maps_back_to_a_label(reply, expected):
 
 def test_label_inside_a_longer_label_is_not_ambiguous():
     assert parse_label("公司债券", ["公司", "公司债券"]) == "公司债券"
+
+
+def test_labels_json_has_one_rule(tmp_path):
+    """The first directory holding labels.json decides; chat data has no labels; a broken file is an error."""
+    import json
+
+    from common.data import DataError, read_labels
+    run, data, chat, broken = (tmp_path / n for n in ("run", "data", "chat", "broken"))
+    for d in (run, data, chat, broken):
+        d.mkdir()
+    (run / "labels.json").write_text(json.dumps({"task": "classification", "labels": ["甲", "乙"]}))
+    (data / "labels.json").write_text(json.dumps({"task": "classification", "labels": ["丙", "丁"]}))
+    (chat / "labels.json").write_text(json.dumps({"task": "chat", "labels": []}))
+    (broken / "labels.json").write_text("{")
+    assert read_labels(run, data) == ["甲", "乙"] and read_labels(tmp_path / "none", data) == ["丙", "丁"]
+    assert read_labels(chat, data) is None and read_labels(tmp_path / "none") is None
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_labels(broken, data)

@@ -67,7 +67,7 @@ def test_copy_loads_quantized_without_a_config_and_answers(bits, copies, merged,
 def test_report_figures(bits, copies, prepared_data):
     _, stdout = copies[bits]
     n_test = len((prepared_data / "test.jsonl").read_text(encoding="utf-8").splitlines())
-    m = re.search(r"label agreement with the 16-bit model on (\d+) test items: ([\d.]+)", stdout)
+    m = re.search(r"label agreement with the 16-bit model on (\d+) items of test\.jsonl: ([\d.]+)", stdout)
     assert m and int(m[1]) == n_test and 0 <= float(m[2]) <= 1, stdout
     assert re.search(r"size on disk \(weights\): [\d.]+ MB vs [\d.]+ MB 16-bit", stdout)
     assert re.search(r"load time on cpu: [\d.]+s pre-quantized vs [\d.]+s quantizing", stdout)

@@ -13,7 +13,8 @@ from conftest import ROOT, run_script, train_args
 from common.config import load_config
 from common.loading import load_model
 from common.prompts import IGNORE_INDEX
-from train_qwen import LeftPadCollator, encode_records, make_trainer_class, read_jsonl
+from common.data import read_jsonl
+from train_qwen import LeftPadCollator, encode_records, make_trainer_class
 
 
 def test_loss_mask_on_a_real_example(tokenizer, prepared_data):

@@ -1,0 +1,255 @@
+"""The service's request lifecycle, one place: the model of a worker, admission to the engine,
+waiting, streaming, and the one record each request leaves (a log line and /stats).
+
+deploy_with_limits.py holds the endpoints and the rules they run under; they call these.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.data import read_labels
+from common.model_files import serving_model
+from common.monitoring import Stats
+from common.openai_schema import ApiError, Params, usage
+
+log = logging.getLogger("serve")
+
+# How a finished request is counted in /stats and the log; a 503 is counted by its reason instead.
+OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "bad_method",
+            413: "too_large", 415: "bad_media_type", 429: "rate_limited", 500: "error", 504: "timeout"}
+
+
+def api_keys(serve_cfg) -> list[str]:
+    """Bearer keys from serve.api_keys (env API_KEYS) and serve.api_keys_file (one a line); none = no auth."""
+    keys = list(serve_cfg.api_keys)
+    if serve_cfg.api_keys_file:
+        keys += [line.strip() for line in Path(serve_cfg.api_keys_file).read_text().splitlines()
+                 if not line.startswith("#")]
+    return [k.strip() for k in keys if k.strip()]
+
+
+# ----------------------------------------------------------------------------- the model, per worker
+class ServerState:
+    """The engine and the model's facts; loaded in a background thread so /health answers at once."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.model_dir, self.adapter = serving_model(cfg)
+        self.name = cfg.serve.served_model_name or (self.adapter or self.model_dir).name
+        self.engine = self.tokenizer = None
+        self.labels: list[str] = []
+        self.error: str | None = None
+        self.draining = False
+        self.keys = api_keys(cfg.serve)
+        self.stats = Stats(lambda: self.engine.load() if self.engine else (0, 0))
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        from common.engine import Engine
+        from common.loading import load_model, load_tokenizer
+        try:
+            started, s = time.time(), self.cfg.serve
+            self.tokenizer = load_tokenizer(self.adapter or self.model_dir)
+            model = load_model(self.model_dir, s.quantization, adapter=self.adapter).eval()
+            self.labels = read_labels(*filter(None, (self.adapter, self.model_dir))) or []
+            self.engine = Engine(model, self.tokenizer, s.max_concurrent, s.max_queue, s.max_queue_wait_s,
+                                 s.batch_wait_ms)
+            log.info("serving %s (%d labels), loaded in %.1fs", self.name, len(self.labels), time.time() - started)
+        except Exception as e:  # the worker stays up and says why on /health
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("model load failed")
+
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    def drain(self) -> None:
+        """SIGTERM: admit nothing new (503), let what is in flight finish."""
+        self.draining = True
+        if self.engine is not None:
+            self.engine.drain()
+
+    def unavailable(self, message: str, code: str) -> ApiError:
+        return ApiError(503, message, type="server_busy", code=code,
+                        headers={"Retry-After": str(self.cfg.serve.retry_after_unavailable_s)})
+
+    def busy(self, message: str, code: str) -> ApiError:
+        return ApiError(503, message, type="server_busy", code=code,
+                        headers={"Retry-After": str(self.cfg.serve.retry_after_busy_s)})
+
+
+# ----------------------------------------------------------------------------- one request's record
+@dataclass
+class Accounting:
+    """What one request did, recorded once: a JSON log line and /stats. A stream is recorded when it ends."""
+    endpoint: str
+    request_id: str
+    client: str
+    started: float = field(default_factory=time.monotonic)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    code: str | None = None   # the error code of a refusal: queue_full, draining, ...
+    prompt: object = None     # logged only with serve.log_prompts
+    deferred: bool = False    # a streaming response: its generator records it at the end
+    recorded: bool = False
+
+    def record(self, state: ServerState, status: int) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        outcome = self.code if status == 503 and self.code else OUTCOMES.get(status, f"http_{status}")
+        seconds = time.monotonic() - self.started
+        state.stats.record(self.endpoint, outcome, seconds, self.tokens_in, self.tokens_out)
+        extra = {"request_id": self.request_id, "client": self.client, "endpoint": self.endpoint, "status": status,
+                 "outcome": outcome, "latency_s": round(seconds, 4), "prompt_tokens": self.tokens_in,
+                 "completion_tokens": self.tokens_out}
+        if state.cfg.serve.log_prompts and self.prompt:
+            extra["prompt"] = self.prompt
+        log.info("%s %s %s %.3fs", self.endpoint, status, outcome, seconds, extra=extra)
+
+
+# ----------------------------------------------------------------------------- requests in and out
+def client_ip(trusted_proxies: int) -> str:
+    from flask import request
+    if trusted_proxies > 0:  # X-Forwarded-For is set by the proxies we trust, counted from the right
+        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+        if len(hops) >= trusted_proxies:
+            return hops[-trusted_proxies]
+    return request.remote_addr or "unknown"
+
+
+def parse_body(request, max_bytes: int):
+    if request.mimetype != "application/json":
+        raise ApiError(415, f"send the body as application/json, not {request.mimetype or 'nothing'}",
+                       code="unsupported_media_type")
+    raw = request.get_data(cache=False)
+    if len(raw) > max_bytes:
+        raise ApiError(413, f"the body is {len(raw)} bytes; the limit is {max_bytes}", code="body_too_large")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not valid UTF-8", code="invalid_encoding") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+
+def check_model_name(state: ServerState, model: str | None) -> None:
+    if model not in (None, "", state.name):
+        raise ApiError(404, f"model '{model}' is not served here; GET /v1/models lists '{state.name}'",
+                       code="model_not_found", param="model")
+
+
+def capped_ids(state: ServerState, text: str, param: str) -> list[int]:
+    """The prompt's token ids, tokenized once per request; 400 with both numbers past the cap."""
+    from common.prompts import encode_text
+    ids = encode_text(state.tokenizer, text)
+    cap = state.cfg.serve.max_prompt_tokens
+    if len(ids) > cap:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; this server accepts at most {cap}",
+                       param=param, code="context_length_exceeded")
+    return ids
+
+
+def prompt_ids(state: ServerState, p: Params) -> list[int]:
+    from common.prompts import render_prompt
+    if p.messages is None:
+        return capped_ids(state, p.prompt, "prompt")
+    thinking = p.chat_template_kwargs.get("enable_thinking", state.cfg.prompt.enable_thinking)
+    return capped_ids(state, render_prompt(state.tokenizer, p.messages, thinking), "messages")
+
+
+def resolve_labels(state: ServerState, labels) -> list[str]:
+    if labels is True:
+        if not state.labels:
+            raise ApiError(400, "this model has no labels.json; send the candidate labels as a list", param="labels")
+        return state.labels
+    return labels
+
+
+# ----------------------------------------------------------------------------- the engine's side
+def submit(state: ServerState, req) -> None:
+    from common.engine import Draining, QueueFull
+    try:
+        state.engine.submit(req)
+    except QueueFull:
+        raise state.busy("the server is at capacity (all slots and queue places taken); retry shortly",
+                         "queue_full") from None
+    except Draining:
+        raise state.unavailable("the server is shutting down", "draining") from None
+
+
+def wait(state: ServerState, req) -> None:
+    """Block until the engine finishes the request; map how it ended to an HTTP error if it failed."""
+    req.done.wait(timeout=max(req.deadline - time.monotonic(), 0) + 1.0)
+    reason = req.finish_reason
+    if reason is None or reason == "timeout":
+        req.cancelled = True
+        raise ApiError(504, f"the request took longer than {state.cfg.serve.request_timeout_s:g}s and was stopped",
+                       type="timeout", code="timeout")
+    if reason == "queue_timeout":
+        raise state.busy("waited too long for a free slot; retry shortly", "queue_timeout")
+    if reason == "error":
+        raise ApiError(500, "generation failed on the server; see its log", type="server_error", code="engine_error")
+
+
+def generation(state: ServerState, p: Params, ids: list[int]):
+    """Submit one generation; the caller waits for it (wait) or streams it (stream)."""
+    from common.engine import GenRequest
+    req = GenRequest(prompt_ids=ids, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                     stop=p.stop, ignore_eos=p.ignore_eos, seed=p.seed,
+                     deadline=time.monotonic() + state.cfg.serve.request_timeout_s,
+                     events=queue.Queue() if p.stream else None)
+    submit(state, req)
+    return req
+
+
+def classify(state: ServerState, ids: list[list[int]], labels: list[str]) -> list[tuple[str, float, dict]]:
+    """(best label, its probability, every label's probability) per prompt: one scoring pass."""
+    from common.engine import ScoreRequest
+    req = ScoreRequest(prompt_ids=ids, labels=labels, deadline=time.monotonic() + state.cfg.serve.request_timeout_s)
+    submit(state, req)
+    wait(state, req)
+    out = []
+    for row in req.logprobs.softmax(-1):
+        probs = {label: round(float(p), 6) for label, p in zip(labels, row)}
+        best = max(probs, key=probs.get)
+        out.append((best, probs[best], probs))
+    return out
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def stream(state: ServerState, req, p: Params, chunk, acct: Accounting, opening: dict | None = None):
+    """Server-sent events: (an opening chunk), text deltas, the finish chunk, usage if asked, [DONE]."""
+    try:
+        if opening is not None:
+            yield sse(opening)
+        while True:
+            kind, text = req.events.get(timeout=max(req.deadline - time.monotonic(), 0) + 1.0)
+            if kind == "done":
+                break
+            yield sse(chunk(text, None))
+        if req.finish_reason in ("stop", "length"):
+            yield sse(chunk("", req.finish_reason))
+            if p.include_usage:
+                yield sse({**chunk("", None), "choices": [], "usage": usage(len(req.prompt_ids), len(req.out_ids))})
+        else:  # the status line is long gone: the failure travels as an error event
+            status, kind = (500, "server_error") if req.finish_reason == "error" else (504, "timeout")
+            yield sse(ApiError(status, f"generation ended early: {req.finish_reason}", type=kind,
+                               code=req.finish_reason).body())
+        yield "data: [DONE]\n\n"
+    except BaseException:  # the client went away (GeneratorExit), or the wait itself timed out
+        req.cancelled = True
+        raise
+    finally:
+        ok = req.finish_reason in ("stop", "length")
+        acct.tokens_out = len(req.out_ids)
+        acct.code = None if ok else req.finish_reason
+        acct.record(state, 200 if ok else 504)
