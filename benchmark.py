@@ -86,12 +86,12 @@ def bare_generate(model_dir: str, texts: list[str], n: int, max_tokens: int) -> 
     import torch
 
     from common.loading import load_model, load_tokenizer
-    from common.prompts import encode_text, render_prompt
+    from common.prompts import prompt_ids
     tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     lat, tokens = [], 0
     t_all = time.perf_counter()
     for i in range(n):
-        ids = torch.tensor([encode_text(tok, render_prompt(tok, [{"role": "user", "content": texts[i % len(texts)]}]))])
+        ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": texts[i % len(texts)]}])])
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)

@@ -31,7 +31,7 @@ from common.cli import run_stage
 from common.config import ConfigError, UserError
 from common.loading import load_tokenizer
 from common.model_files import check_model_dir, copy_extras, dir_size, save_atomically, weight_files, write_manifest
-from common.prompts import probe_records, prompt_and_answer
+from common.prompts import probe_records, records_prompt_ids
 
 DEFAULT_PREFIXES = ("module.", "_orig_mod.", "actor.", "_fsdp_wrapped_module.")
 WRAPPER_KEYS = ("state_dict", "model", "module")  # Lightning, most trainers, DeepSpeed
@@ -191,8 +191,7 @@ def run(cfg, checkpoint: str, output: str, base: str | None = None, strip: tuple
     del tensors  # the model holds what it needs
     tokenizer = load_tokenizer(base)
     # the round-trip check compares logits on one prompt: the chat probe of the prompt contract
-    prompt = prompt_and_answer(tokenizer, probe_records(None, cfg.prompt)[0], None, cfg.prompt)[0]
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(records_prompt_ids(tokenizer, probe_records(None, cfg.prompt)[:1], None, cfg.prompt))
     expected = probe_logits(model, ids)
     tolerance = 1e-6 if found["dtype"] == torch.float32 else 0.0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hmac
 import sys
+import time
 import uuid
 
 from common.cli import run_stage
@@ -26,8 +27,8 @@ from common.model_files import check_model_dir, serving_model
 from common.monitoring import health, metrics, stats
 from common.openai_schema import (ApiError, Params, chat_chunk, chat_response, completion_response, new_id,
                                   parse_chat, parse_classify, parse_completion, usage)
-from common.service import (OUTCOMES, Accounting, ServerState, capped_ids, check_model_name, classify, client_ip,
-                            generation, log, parse_body, prompt_ids, resolve_labels, stream, wait)
+from common.service import (OUTCOMES, Accounting, ServerState, capped, check_model_name, classify, client_ip,
+                            generation, log, parse_body, request_ids, resolve_labels, stream, wait)
 
 
 def state() -> ServerState:
@@ -42,7 +43,7 @@ def parsed(parse) -> tuple[ServerState, Params, list[int]]:
     st = state()
     p = parse(parse_body(request, st.cfg.serve.max_body_bytes), st.cfg.serve)
     check_model_name(st, p.model)
-    ids = prompt_ids(st, p)
+    ids = request_ids(st, p)
     g.acct.prompt, g.acct.tokens_in = p.messages or p.prompt, len(ids)
     return st, p, ids
 
@@ -88,12 +89,12 @@ def completions():
 def classify_texts():
     from flask import g, jsonify, request
 
-    from common.prompts import classification_prompt
+    from common.prompts import classification_ids
     st = state()
     texts, labels, model = parse_classify(parse_body(request, st.cfg.serve.max_body_bytes), st.cfg.serve)
     check_model_name(st, model)
     labels = resolve_labels(st, labels)
-    ids = [capped_ids(st, classification_prompt(st.tokenizer, t, labels, st.cfg.prompt), "text") for t in texts]
+    ids = [capped(st, x, "text") for x in classification_ids(st.tokenizer, texts, labels, st.cfg.prompt)]
     g.acct.tokens_in = sum(map(len, ids))
     results = classify(st, ids, labels)
     g.acct.tokens_out = len(results)
@@ -134,18 +135,26 @@ ROUTES = [
     ("POST", "/v1/classify", classify_texts, "api"),
     ("GET", "/v1/models", models, "key"),
     ("GET", "/health", health, "open"),
-    ("GET", "/stats", stats, "open"),
+    ("GET", "/stats", stats, "key"),
     ("GET", "/metrics", metrics, "open"),
 ]
 
 
 def check_key(st: ServerState) -> None:
-    from flask import request
+    """The Bearer key, when keys are set. Failures count per client address (serve.auth_failure_limit):
+    past the limit even a right key gets 429 until the window ends, so keys cannot be guessed fast."""
+    from flask import g, request
     if not st.keys:
         return
+    limiter, failures = st.auth_failures
+    if not limiter.test(failures, "auth-failures", g.acct.client):
+        reset = int(limiter.get_window_stats(failures, "auth-failures", g.acct.client)[0] - time.time()) + 1
+        raise ApiError(429, f"too many failed authentications from this address ({failures}); retry in {reset}s",
+                       type="rate_limit_exceeded", code="auth_failures", headers={"Retry-After": str(reset)})
     auth = request.headers.get("Authorization", "")
     given = auth[7:].strip() if auth.startswith("Bearer ") else ""
     if not any([hmac.compare_digest(given.encode(), k.encode()) for k in st.keys]):  # no short-circuit
+        limiter.hit(failures, "auth-failures", g.acct.client)
         raise ApiError(401, "missing or invalid API key: send Authorization: Bearer <key>", code="invalid_api_key")
 
 
@@ -175,7 +184,20 @@ def guarded(view, rule: str, limits: list):
     return with_key
 
 
-def add_accounting(app, st: ServerState) -> None:
+def rate_limit_headers(limiter, resp) -> None:
+    """X-RateLimit-* of the limit closest to running out (per-IP or global); Retry-After on a 429 only."""
+    limits = limiter.current_limits
+    if not limits:
+        return
+    tight = min(limits, key=lambda lim: (not lim.breached, lim.remaining))
+    resp.headers["X-RateLimit-Limit"] = str(tight.limit.amount)
+    resp.headers["X-RateLimit-Remaining"] = str(tight.remaining)
+    resp.headers["X-RateLimit-Reset"] = str(tight.reset_at)
+    if resp.status_code == 429 and "Retry-After" not in resp.headers:
+        resp.headers["Retry-After"] = str(max(tight.reset_at - int(time.time()), 1))
+
+
+def add_accounting(app, st: ServerState, limiter) -> None:
     """Every /v1/ request leaves one record (common.service.Accounting); errors are OpenAI-shaped JSON."""
     from flask import g, jsonify, request
     from werkzeug.exceptions import HTTPException
@@ -188,6 +210,7 @@ def add_accounting(app, st: ServerState) -> None:
     @app.after_request
     def done(resp):
         resp.headers["X-Request-ID"] = g.acct.request_id
+        rate_limit_headers(limiter, resp)
         if request.path.startswith("/v1/") and not g.acct.deferred:
             g.acct.record(st, resp.status_code)
         return resp
@@ -214,6 +237,7 @@ def create_app(cfg=None):
     """The Flask app (gunicorn calls this in each worker, after the fork)."""
     from flask import Flask
     from flask_limiter import Limiter
+    from limits import parse as parse_limit
 
     from common.logs import setup_logging
     cfg = cfg or load_config()
@@ -223,10 +247,11 @@ def create_app(cfg=None):
     app.extensions["qwen"] = st
     app.config["MAX_CONTENT_LENGTH"] = s.max_body_bytes
     limiter = Limiter(key_func=lambda: client_ip(s.trusted_proxies), app=app, storage_uri=s.rate_limit_storage,
-                      headers_enabled=True, strategy="fixed-window")
+                      headers_enabled=False, strategy="fixed-window")  # headers: rate_limit_headers
     limits = [limiter.shared_limit(s.global_rate_limit, scope="global", key_func=lambda: "all"),
               limiter.shared_limit(s.rate_limits, scope="per-ip")]
-    add_accounting(app, st)
+    st.auth_failures = (limiter.limiter, parse_limit(s.auth_failure_limit))
+    add_accounting(app, st, limiter)
     for method, path, view, rule in ROUTES:
         app.add_url_rule(path, view_func=guarded(view, rule, limits), methods=[method])
     return app

@@ -26,22 +26,22 @@ from common.data import read_jsonl, read_labels
 from common.loading import load_model, load_tokenizer
 from common.metrics import classification_metrics
 from common.model_files import newest_run
-from common.prompts import classification_prompt, encode_text, parse_label
-from common.scoring import score_labels
+from common.batching import left_pad
+from common.prompts import classification_ids, parse_label
+from common.scoring import score_label_ids
 from common.terminal import ljust_cols
 
 
 @torch.no_grad()
-def generate_labels(model, tokenizer, prompts: list[str], labels: list[str], batch_size: int,
+def generate_labels(model, tokenizer, prompts: list[list[int]], labels: list[str], batch_size: int,
                     max_new_tokens: int) -> list[str | None]:
     """Greedy generation and parsing: what a client asking for free text would get."""
-    tokenizer.padding_side = "left"
     out = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**batch.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+        ids, mask = (t.to(model.device) for t in left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id))
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
         out += [parse_label(t, labels) for t in texts]
     return out
 
@@ -117,10 +117,10 @@ def run(cfg, output_dir: str | None = None) -> dict:
     model_dir = cfg.resolve(e.model) if e.model else newest_run(cfg.resolve(cfg.train.runs_dir))
     records, labels = test_set(cfg, model_dir)
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-    prompts = [classification_prompt(tokenizer, r["text"], labels, cfg.prompt) for r in records]
+    prompts = classification_ids(tokenizer, [r["text"] for r in records], labels, cfg.prompt)
     start = time.time()
     with tqdm(total=len(prompts), desc="scoring", unit="item") as bar:
-        scores = score_labels(model, tokenizer, prompts, labels, e.batch_size, progress=bar)
+        scores = score_label_ids(model, tokenizer, prompts, labels, e.batch_size, progress=bar)
     seconds = time.time() - start
     idx, conf = scores.best()
     predicted, truth = [labels[i] for i in idx], [r["label"] for r in records]
@@ -128,7 +128,7 @@ def run(cfg, output_dir: str | None = None) -> dict:
     metrics.update(model=str(model_dir), split=e.split, items=len(records), seconds=round(seconds, 2),
                    items_per_second=round(len(records) / seconds, 1),
                    ms_per_item=round(1000 * seconds / len(records), 1),
-                   prompt_tokens_mean=round(sum(len(encode_text(tokenizer, p)) for p in prompts) / len(prompts), 1))
+                   prompt_tokens_mean=round(sum(map(len, prompts)) / len(prompts), 1))
     if e.generate:
         start = time.time()
         generated = generate_labels(model, tokenizer, prompts, labels, e.batch_size, e.max_new_tokens)

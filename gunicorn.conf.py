@@ -4,6 +4,7 @@ No preload: each worker imports the app and loads the model itself after the for
 never touches torch or CUDA.
 """
 import signal
+import threading
 
 from common.config import load_config
 
@@ -28,12 +29,20 @@ proc_name = "qwen-serve"
 
 
 def post_worker_init(worker):
-    """On SIGTERM, first stop admitting (503 and /health 503), then let gunicorn finish in-flight work."""
+    """SIGTERM drains before gunicorn stops: admission stops at once (what waits gets 503 'draining',
+    /health 503) while the worker keeps answering; the running generations get the grace period,
+    less a margin to write the last responses; then gunicorn's own graceful exit runs."""
     state = worker.wsgi.extensions["qwen"]
     stop = worker.handle_exit
+    grace = max(_s.graceful_timeout_s - 2.0, _s.graceful_timeout_s / 2)
+
+    def finish_then_stop(sig):
+        state.finish_running(grace)
+        stop(sig, None)
 
     def drain_then_exit(sig, frame):
-        state.drain()
-        stop(sig, frame)
+        if not state.draining:
+            state.drain()
+            threading.Thread(target=finish_then_stop, args=(sig,), name="drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, drain_then_exit)

@@ -38,8 +38,8 @@ from common.loading import (
     pick_dtype,
 )
 from common.model_files import check_model_dir, copy_extras, dir_size, newest_run, save_atomically, write_manifest
-from common.prompts import probe_records, prompt_and_answer
-from common.scoring import score_labels
+from common.prompts import probe_records, records_prompt_ids
+from common.scoring import score_label_ids
 
 TAIL_POSITIONS = 16  # logits compared at each prompt's last positions: every layer feeds them, and
 #                      the last one is where the answer starts; all positions x 151,936 would be GBs
@@ -77,12 +77,12 @@ def training_method(run: Path) -> str | None:
     return None
 
 
-def verify_prompts(cfg, tokenizer, labels: list[str] | None, n: int) -> tuple[list[str], str]:
+def verify_prompts(cfg, tokenizer, labels: list[str] | None, n: int) -> tuple[list[list[int]], str]:
     """n prompts through the prompt contract, from the test (else val) split, else the task's own words."""
     records, source = held_out_records(cfg.resolve(cfg.data.processed_dir), labels, n)
     if not records:
         records, source = probe_records(labels, cfg.prompt)[:n], "the labels" if labels else "the system prompt"
-    return [prompt_and_answer(tokenizer, r, labels, cfg.prompt)[0] for r in records], source
+    return records_prompt_ids(tokenizer, records, labels, cfg.prompt), source
 
 
 def stored_dtype(model_dir: Path) -> torch.dtype | None:
@@ -94,21 +94,21 @@ def stored_dtype(model_dir: Path) -> torch.dtype | None:
 
 # ----------------------------------------------------------------------------- parity
 @torch.no_grad()
-def tail_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+def tail_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
     """[TAIL_POSITIONS, V] fp32 logits per prompt, one prompt at a time (no padding to differ)."""
     device = model.get_input_embeddings().weight.device
     out = []
     for p in prompts:
-        ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        ids = torch.tensor([p], device=device)
         out.append(model(input_ids=ids, logits_to_keep=TAIL_POSITIONS).logits[0].float().cpu())
     return out
 
 
-def reference(model, tokenizer, prompts: list[str], labels: list[str] | None) -> dict:
+def reference(model, tokenizer, prompts: list[list[int]], labels: list[str] | None) -> dict:
     """What a model answers on the prompts: tail logits and, for a classifier, its best labels."""
-    ref = {"logits": tail_logits(model, tokenizer, prompts)}
+    ref = {"logits": tail_logits(model, prompts)}
     if labels:
-        ref["best"] = score_labels(model, tokenizer, prompts, labels).best()[0]
+        ref["best"] = score_label_ids(model, tokenizer, prompts, labels).best()[0]
     return ref
 
 

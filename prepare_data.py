@@ -24,7 +24,7 @@ from pathlib import Path
 from common.cli import run_stage
 from common.config import ROOT
 from common.data import LABELS_FILE, SPLITS, DataError
-from common.prompts import answer_ids, classification_prompt
+from common.prompts import encode_records
 from common.reading import Item, live, pick_column, read_items
 from common.terminal import ljust_cols
 
@@ -108,19 +108,12 @@ def reject_duplicates(items: list[Item], key, label) -> None:
 
 
 # ----------------------------------------------------------------------------- token budget
-def token_lengths(tok, texts: list[str]) -> list[int]:
-    """len(encode_text(tok, t)) for each text, encoded in batches."""
+def example_lengths(tok, records: list[dict], labels: list[str] | None, prompt_cfg) -> list[int]:
+    """Tokens of each whole training example, exactly as training encodes it (encode_records), in batches."""
     out: list[int] = []
-    for i in range(0, len(texts), BATCH):
-        out += [len(ids) for ids in tok(texts[i:i + BATCH], add_special_tokens=False)["input_ids"]]
+    for i in range(0, len(records), BATCH):
+        out += [len(ex["input_ids"]) for ex in encode_records(tok, records[i:i + BATCH], labels, prompt_cfg)]
     return out
-
-
-def example_lengths(tok, records: list[dict], labels: list[str], prompt_cfg) -> list[int]:
-    """Tokens of each whole training example, as len(encode_example(...)["input_ids"]) counts them."""
-    prompts = [classification_prompt(tok, r["text"], labels, prompt_cfg) for r in records]
-    answers = {label: len(answer_ids(tok, label)) for label in {r["label"] for r in records}}
-    return [n + answers[r["label"]] for n, r in zip(token_lengths(tok, prompts), records)]
 
 
 def fit_text(tok, record: dict, labels: list[str], prompt_cfg, budget: int) -> tuple[str, int] | None:
@@ -163,8 +156,7 @@ def prepare_chat(items, tok, cfg) -> list[str]:
         to_chat(it)
     reject_duplicates(items, key=lambda r: json.dumps(r["messages"], ensure_ascii=False), label=lambda r: "")
     kept, budget = live(items), cfg.data.max_tokens
-    for it, n in zip(kept, token_lengths(tok, [tok.apply_chat_template(it.record["messages"], tokenize=False)
-                                               for it in kept])):
+    for it, n in zip(kept, example_lengths(tok, [it.record for it in kept], None, cfg.prompt)):
         it.tokens = n
         if n > budget:
             it.reject("over max_tokens", f"{n} tokens > max_tokens {budget} (chat records are never truncated)")

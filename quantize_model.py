@@ -30,8 +30,8 @@ from common.config import ConfigError, UserError
 from common.data import held_out_records, read_labels
 from common.loading import fitting_device, free_memory, load_model, load_tokenizer
 from common.model_files import check_model_dir, copy_extras, newest_merged, save_atomically, write_manifest
-from common.prompts import probe_records, prompt_and_answer
-from common.scoring import score_labels
+from common.prompts import probe_records, records_prompt_ids
+from common.scoring import score_label_ids
 
 MODES = {8: ("8bit", "int8", "Linear8bitLt"), 4: ("4bit", "nf4", "Linear4bit")}  # bits -> load mode, suffix, layer
 
@@ -74,18 +74,18 @@ def check_quantized(model, layer: str) -> int:
     return count
 
 
-def best_labels(model, tokenizer, prompts: list[str], labels: list[str]) -> list[int]:
-    scores = score_labels(model, tokenizer, prompts, labels)
+def best_labels(model, tokenizer, prompts: list[list[int]], labels: list[str]) -> list[int]:
+    scores = score_label_ids(model, tokenizer, prompts, labels)
     if not torch.isfinite(scores.logprobs).all():
         raise QuantizeError("the quantized copy gives non-finite label scores; nothing was written")
     return scores.best()[0]
 
 
-def answer(model, tokenizer, prompts: list[str], labels: list[str] | None) -> list[int]:
+def answer(model, tokenizer, prompts: list[list[int]], labels: list[str] | None) -> list[int]:
     """The best label per prompt; for a chat model, finite next-token logits on the first prompt."""
     if labels:
         return best_labels(model, tokenizer, prompts, labels)
-    ids = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    ids = torch.tensor([prompts[0]], device=model.device)
     with torch.no_grad():
         if not torch.isfinite(model(input_ids=ids, logits_to_keep=1).logits).all():
             raise QuantizeError("the quantized copy gives non-finite logits; nothing was written")
@@ -118,7 +118,7 @@ def quantize_into(tmp: Path, source: Path, bits: int, device: str, ask) -> dict:
     return {"quantize_load_s": quantize_load_s, "copy_load_s": copy_load_s, "layers": layers, "picked": picked}
 
 
-def sixteen_bit_answers(source: Path, tokenizer, prompts: list[str], labels: list[str]) -> list[int]:
+def sixteen_bit_answers(source: Path, tokenizer, prompts: list[list[int]], labels: list[str]) -> list[int]:
     device = fitting_device(source)
     model = load_model(source, device=device).eval()
     picked = answer(model, tokenizer, prompts, labels)
@@ -149,8 +149,7 @@ def run(cfg, force: bool = False) -> dict:
     labels = read_labels(source, processed)
     # the agreement check runs on the held-out items; without them (or for a chat model) a probe must answer
     items, split = held_out_records(processed, labels, q.compare_items) if labels else ([], None)
-    prompts = [prompt_and_answer(tokenizer, r, labels, cfg.prompt)[0]
-               for r in items or probe_records(labels, cfg.prompt)]
+    prompts = records_prompt_ids(tokenizer, items or probe_records(labels, cfg.prompt), labels, cfg.prompt)
     device, figures = quant_device(), {}
 
     def write(tmp: Path) -> None:

@@ -35,18 +35,14 @@ from common.data import LABELS_FILE, data_hash, load_splits, read_labels
 from common.loading import load_tokenizer, pick_device, pick_dtype, quantization_config
 from common.memory import model_shape, training_fit
 from common.metrics import classification_metrics
-from common.prompts import IGNORE_INDEX, classification_prompt, encode_example, prompt_and_answer
-from common.scoring import score_labels
+from common.prompts import IGNORE_INDEX, classification_ids, encode_records
+from common.scoring import score_label_ids
 
 METHOD_QUANT = {"lora": "none", "qlora": "4bit", "lora8": "8bit"}
 log = logging.getLogger("train_qwen")
 
 
 # ----------------------------------------------------------------------------- data
-def encode_records(tokenizer, records: list[dict], labels: list[str] | None, pcfg) -> list[dict]:
-    return [encode_example(tokenizer, *prompt_and_answer(tokenizer, r, labels, pcfg)) for r in records]
-
-
 class LeftPadCollator:
     """Left padding puts every answer at the end of its row, so the output head runs only on the
     last few positions (logits_to_keep). Counts real and padded tokens for the padding ratio."""
@@ -98,10 +94,10 @@ def make_trainer_class():
 
         def label_metrics(self) -> dict[str, float]:
             tok = self.processing_class
-            prompts = [classification_prompt(tok, r["text"], self.label_set, self.prompt_cfg) for r in self.val_records]
+            prompts = classification_ids(tok, [r["text"] for r in self.val_records], self.label_set, self.prompt_cfg)
             was_training = self.model.training
             self.model.eval()
-            scores = score_labels(self.model, tok, prompts, self.label_set, self.score_batch_size)
+            scores = score_label_ids(self.model, tok, prompts, self.label_set, self.score_batch_size)
             self.model.train(was_training)
             predicted = [self.label_set[i] for i in scores.best()[0]]
             m = classification_metrics([r["label"] for r in self.val_records], predicted, self.label_set)

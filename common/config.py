@@ -168,8 +168,11 @@ class ServeConfig:
     trusted_proxies: int
     api_keys: list[str]
     api_keys_file: str | None
+    auth_failure_limit: str
     retry_after_busy_s: int
     retry_after_unavailable_s: int
+    unhealthy_after_failures: int
+    unhealthy_window_s: float
     batch_wait_ms: float
     log_prompts: bool
     workers: int

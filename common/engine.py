@@ -6,6 +6,10 @@ left-padded to the batch's length), and a finished row leaves it. Admission is b
 `max_concurrent` rows decode at once and `max_queue` wait; beyond that `submit` raises QueueFull.
 A row's deadline is checked every step, so a timed-out generation really stops and frees its slot.
 Label scoring (common/scoring.py) runs on the same thread, between decode steps.
+
+Every admitted request ends with exactly one finish reason, whatever fails: a pass that raises fails
+the requests in it at once (prefill: the joining ones; decode: the batch; scoring: that request) and
+the loop goes on; between passes `admitted == waiting + running` is checked.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ class GenRequest:
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0                     # characters of `text` already streamed
-    finish_reason: str | None = None     # stop | length | timeout | cancelled | queue_timeout | error
+    finish_reason: str | None = None     # stop | length | timeout | cancelled | queue_timeout | error |
+    #                                      draining (never started) | shutdown (cut at the end of a drain)
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -90,7 +95,8 @@ def _left_pad_cache(cache, mask: torch.Tensor, width: int):
 
 class Engine:
     def __init__(self, model, tokenizer, max_concurrent: int, max_queue: int, max_queue_wait_s: float,
-                 batch_wait_ms: float, eos_ids: list[int] | None = None):
+                 batch_wait_ms: float, eos_ids: list[int] | None = None, unhealthy_after: int = 3,
+                 unhealthy_window_s: float = 60.0):
         self.model, self.tok = model, tokenizer
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.max_queue_wait_s, self.batch_wait_s = max_queue_wait_s, batch_wait_ms / 1000
@@ -100,10 +106,14 @@ class Engine:
         self.rows: list[GenRequest] = []          # the running batch, in cache order
         self.cache = self.mask = self.pos = self.last = None
         self.wake = threading.Condition()  # guards pending and admitted; re-entrant (an RLock inside)
-        self.draining = False
+        self.draining, self.abort_reason = False, None
         self.decode_steps = 0
         # admitted counts every request from submit to finish: waiting, prefilling or decoding
         self.admitted = self.peak_admitted = 0
+        self.phase = "idle"  # the pass running now: prefill | join | decode | score (logs; fault-injection tests)
+        self.failures = self.consecutive_failures = self.accounting_errors = 0
+        self.last_failure, self.last_failure_at = None, 0.0
+        self.unhealthy_after, self.unhealthy_window_s = unhealthy_after, unhealthy_window_s
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
 
@@ -125,28 +135,89 @@ class Engine:
             return len(self.rows), self.admitted - len(self.rows)
 
     def drain(self) -> None:
+        """Admit nothing new; what waits and has not started ends now ('draining'); what runs goes on."""
         with self.wake:
             self.draining = True
+            for r in self.pending:
+                self._finish(r, "draining")
+            self.pending.clear()
+            self.wake.notify()
+
+    def abort(self, reason: str) -> None:
+        """End everything admitted at the next step boundary (a drain's grace period is over)."""
+        with self.wake:
+            self.abort_reason = reason
+            self.wake.notify()
 
     def idle(self) -> bool:
         return self.load() == (0, 0)
+
+    def health(self) -> str | None:
+        """None while the engine works; otherwise why not: its thread died, or the last
+        `unhealthy_after` passes all failed, the latest within `unhealthy_window_s`."""
+        if not self.thread.is_alive():
+            return "the engine thread has stopped"
+        recent = time.monotonic() - self.last_failure_at < self.unhealthy_window_s
+        if self.consecutive_failures >= self.unhealthy_after and recent:
+            return f"the last {self.consecutive_failures} forward passes failed; last: {self.last_failure}"
+        return None
 
     # ------------------------------------------------------------------ the scheduler thread
     def _loop(self) -> None:
         while True:
             try:
-                scores, joining = self._take()
-                for s in scores:
-                    self._score(s)
-                if joining:
-                    self._prefill(joining)
-                if self.rows:
-                    self._step()
-            except Exception:  # a failed step must not kill the server: fail those rows, go on
-                log.exception("generation step failed")
-                for r in self.rows:
-                    self._finish(r, "error")
-                self.rows, self.cache = [], None
+                self._cycle()
+            except Exception as e:  # a bug between passes: end what is admitted rather than strand it
+                with self.wake:
+                    stranded, self.pending = list(self.pending), []
+                self._fail(stranded + list(self.rows), "engine", e, reset=True)
+            self._check_accounting()
+
+    def _cycle(self) -> None:
+        scores, joining = self._take()
+        for s in scores:
+            self._guarded("score", [s], self._score, s)
+        if joining:
+            self._prefill(joining)
+        if self.rows:
+            self._guarded("decode", list(self.rows), self._step, reset=True)
+
+    def _guarded(self, phase: str, requests: list, work, *args, reset: bool = False) -> bool:
+        """One pass; if it raises, exactly `requests` fail (a 5xx at once) and the loop goes on.
+        `reset`: the pass touched the running batch, so the batch goes with them."""
+        self.phase = phase
+        try:
+            work(*args)
+        except Exception as e:
+            self._fail(requests, phase, e, reset)
+            return False
+        finally:
+            self.phase = "idle"
+        self.consecutive_failures = 0
+        return True
+
+    def _fail(self, requests: list, phase: str, error: BaseException, reset: bool) -> None:
+        log.error("%s failed for %d request(s): %s: %s", phase, len(requests), type(error).__name__, error,
+                  exc_info=error, extra={"phase": phase, "requests": len(requests)})
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.last_failure, self.last_failure_at = f"{phase}: {type(error).__name__}: {error}", time.monotonic()
+        for r in requests + (self.rows if reset else []):  # _finish ends a request once, whatever calls it
+            self._finish(r, "error")
+        if reset:  # the batch's cache may be half-updated: nothing in it can go on
+            self.rows, self.cache = [], None
+        if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _check_accounting(self) -> None:
+        """Between passes what is admitted is waiting or running; a mismatch is a bug: logged, counted,
+        and repaired, so capacity is never lost for good."""
+        with self.wake:
+            held = len(self.pending) + len(self.rows)
+            if self.admitted != held:
+                log.error("admission accounting: %d admitted but %d waiting or running", self.admitted, held)
+                self.accounting_errors += 1
+                self.admitted = held
 
     def _take(self) -> tuple[list[ScoreRequest], list[GenRequest]]:
         """Expire stale waiters; hand out score requests and as many generations as there are slots."""
@@ -155,6 +226,10 @@ class Engine:
                 self.wake.wait(timeout=0.5)
                 if self.pending and self.batch_wait_s > 0:  # a first arrival: let a burst gather
                     self.wake.wait(timeout=self.batch_wait_s)
+            if self.abort_reason:
+                for r in self.pending + self.rows:
+                    self._finish(r, self.abort_reason)
+                self.pending, self.rows, self.cache, self.abort_reason = [], [], None, None
             now = time.monotonic()
             for r in [r for r in self.pending if r.cancelled or now - r.enqueued > self.max_queue_wait_s
                       or now > r.deadline]:
@@ -181,21 +256,49 @@ class Engine:
 
     @torch.no_grad()
     def _score(self, s: ScoreRequest) -> None:
-        if s.cancelled or time.monotonic() > s.deadline:
+        if s.cancelled:
+            return self._finish(s, "cancelled")
+        if time.monotonic() > s.deadline:
             return self._finish(s, "timeout")
         s.logprobs = score_label_ids(self.model, self.tok, s.prompt_ids, s.labels, len(s.prompt_ids)).logprobs
         self._finish(s, "stop")
 
+    def _prefill(self, new: list[GenRequest], retry: bool = True) -> None:
+        """Prefill the joining requests and merge them into the running batch. A failed prefill fails
+        only them; an out-of-memory one is retried once with one request at a time."""
+        self.phase = "prefill"
+        try:
+            out, mask, pos = self._prefill_forward(new)
+        except torch.OutOfMemoryError as e:
+            if not (retry and len(new) > 1):
+                return self._fail(new, "prefill", e, reset=False)
+            log.warning("prefill of %d prompts ran out of memory; trying them one at a time", len(new))
+            del e
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            for r in new:
+                self._prefill([r], retry=False)
+            return
+        except Exception as e:
+            return self._fail(new, "prefill", e, reset=False)
+        finally:
+            self.phase = "idle"
+        self._guarded("join", list(self.rows) + new, self._join, new, out, mask, pos, reset=True)
+
     @torch.no_grad()
-    def _prefill(self, new: list[GenRequest]) -> None:
-        """Run the new prompts as one left-padded batch and merge them into the running batch."""
+    def _prefill_forward(self, new: list[GenRequest]):
+        """Run the new prompts as one left-padded batch: (model output, attention mask, positions)."""
         for r in new:
             r.generator = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
         ids, mask = (t.to(self.device) for t in left_pad([r.prompt_ids for r in new], self.tok.pad_token_id))
         pos = position_ids(mask)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        return out, mask, pos
+
+    def _join(self, new: list[GenRequest], out, mask: torch.Tensor, pos: torch.Tensor) -> None:
+        """Merge prefilled rows into the running batch: both caches left-padded to the longer history."""
         cache, last_pos = out.past_key_values, pos[:, -1] + 1
-        if self.rows:  # join the running batch: both caches left-padded to the longer history
+        if self.rows:
             t = max(self.mask.shape[1], mask.shape[1])
             self.mask, mask = _left_pad_cache(self.cache, self.mask, t), _left_pad_cache(cache, mask, t)
             for mine, theirs in zip(self.cache.layers, cache.layers):

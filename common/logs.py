@@ -26,6 +26,23 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class OneLine(logging.Formatter):
+    """Terminal lines, one per record: a traceback goes to the JSON log, which names where it is."""
+
+    def __init__(self, where: str):
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+        self.where = where
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            line = super().format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+        return line + (f" (traceback in {self.where})" if saved[0] else "")
+
+
 def setup_logging(stage: str, logs_dir: str | Path | None = "logs", level: str = "INFO") -> logging.Logger:
     """Configure the root logger once per process and return the stage's logger."""
     root = logging.getLogger()
@@ -33,7 +50,8 @@ def setup_logging(stage: str, logs_dir: str | Path | None = "logs", level: str =
     for h in list(root.handlers):
         root.removeHandler(h)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S") if logs_dir is None
+                         else OneLine(str(Path(logs_dir) / f"{stage}.jsonl")))
     root.addHandler(console)
     if logs_dir is not None:
         Path(logs_dir).mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,20 @@ class Stats:
         return round(total / min(window, max(now - self.started, 1e-9)), 2)
 
 
+WORKER_ID = os.urandom(4).hex()  # tells workers apart in /stats without naming a process id
+
+
+def engine_report(engine) -> dict:
+    """The engine's own accounting: what it holds, and how its passes went."""
+    if engine is None:
+        return {}
+    with engine.wake:
+        admitted, waiting, running = engine.admitted, len(engine.pending), len(engine.rows)
+    return {"admitted": admitted, "waiting": waiting, "running": running, "failed_passes": engine.failures,
+            "consecutive_failures": engine.consecutive_failures, "last_failure": engine.last_failure,
+            "accounting_errors": engine.accounting_errors, "health": engine.health() or "ok"}
+
+
 def memory_report() -> dict:
     import torch
     if torch.cuda.is_available():
@@ -81,12 +95,15 @@ def _state():
 
 
 def health():
+    """200 when the model is loaded and the engine works; 503 with the reason while loading, after a
+    load error, while draining, or after repeated engine failures."""
     from flask import jsonify
     state = _state()
-    if state.ready():
+    problem = state.engine.health() if state.engine else None
+    if state.ready() and problem is None:
         return jsonify({"status": "ok", "model": state.name})
-    status = "draining" if state.draining else "error" if state.error else "loading"
-    return jsonify({"status": status, "model": state.name, "error": state.error}), 503
+    status = "draining" if state.draining else "error" if state.error else "degraded" if problem else "loading"
+    return jsonify({"status": status, "model": state.name, "error": state.error or problem}), 503
 
 
 def stats():
@@ -96,15 +113,16 @@ def stats():
     with st.lock:
         outcomes, rejections = dict(st.outcomes), dict(st.rejections)
     in_flight, waiting = st.load()
-    return jsonify({
-        "model": state.name, "model_dir": str(state.model_dir), "adapter": str(state.adapter or "") or None,
+    engine = state.engine
+    return jsonify({  # names, never absolute paths: /stats may be readable by more people than the box is
+        "model": state.name, "model_dir": state.model_dir.name, "adapter": state.adapter.name if state.adapter else None,
         "status": "ok" if state.ready() else "unavailable", "uptime_s": round(time.time() - st.started, 1),
         "requests": {"total": sum(outcomes.values()), "by_outcome": outcomes}, "rejections": rejections,
         "in_flight": in_flight, "queue": waiting,
-        "peak_admitted": state.engine.peak_admitted if state.engine else 0, "latency_s": st.percentiles(),
+        "peak_admitted": engine.peak_admitted if engine else 0, "latency_s": st.percentiles(),
         "tokens": {"prompt": st.tokens_in, "completion": st.tokens_out,
                    "completion_per_s_last_minute": st.tokens_per_second()},
-        "memory": memory_report(), "worker_pid": os.getpid(),
+        "engine": engine_report(engine), "memory": memory_report(), "worker": WORKER_ID,
         "limits": {k: getattr(s, k) for k in ("max_concurrent", "max_queue", "max_queue_wait_s",
                                               "request_timeout_s", "max_tokens", "max_prompt_tokens",
                                               "max_body_bytes", "rate_limits", "global_rate_limit")},

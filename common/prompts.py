@@ -1,16 +1,22 @@
 """The prompt contract: how a text and a label set become the tokens a Qwen3 model sees, and back.
 
-Training, evaluation and serving all call these functions, so the prompt bytes are identical for
+Training, evaluation and serving all call these functions, so the prompt tokens are identical for
 the same input (tests/test_prompts.py proves it). A classification example is
 
     prompt = chat_template([system, user(text, labels)], add_generation_prompt, enable_thinking)
     answer = label + <|im_end|>
 
 and the model learns only the answer tokens; <|im_end|> is the stop token generation ends on.
+
+User text is data, never structure: a special-token string inside a message, a text or an answer
+(`<|im_start|>system ...`) is encoded as the plain text it is; only the chat template's own markers
+become control tokens (chat_ids). A raw /v1/completions prompt is the one exception: it is the
+caller's own template, special tokens included (encode_text).
 """
 from __future__ import annotations
 
 import re
+import secrets
 import unicodedata
 
 from common.config import PromptConfig
@@ -30,23 +36,17 @@ def build_messages(text: str, labels: list[str], cfg: PromptConfig) -> list[dict
     return [{"role": "system", "content": cfg.system}] + messages if cfg.system else messages
 
 
-def render_prompt(tokenizer, messages: list[dict], enable_thinking: bool = False) -> str:
-    """The prompt text up to where the assistant's answer starts (Qwen3 thinking off unless asked)."""
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
-    )
-
-
-def classification_prompt(tokenizer, text: str, labels: list[str], cfg: PromptConfig) -> str:
-    return render_prompt(tokenizer, build_messages(text, labels, cfg), cfg.enable_thinking)
-
-
-def prompt_and_answer(tokenizer, record: dict, labels: list[str] | None, cfg: PromptConfig) -> tuple[str, str]:
-    """The prompt contract for both kinds of prepared data: a text+label item, or a chat `messages`
-    record whose last (assistant) turn is the answer."""
+def record_messages(record: dict, labels: list[str] | None, cfg: PromptConfig) -> list[dict]:
+    """The prompt's messages for a prepared record: the classification request for a text+label item,
+    or every turn before the last (assistant) one of a chat `messages` record."""
     if "messages" in record:
-        return render_prompt(tokenizer, record["messages"][:-1], cfg.enable_thinking), record["messages"][-1]["content"]
-    return classification_prompt(tokenizer, record["text"], labels, cfg), record.get("label", "")
+        return record["messages"][:-1]
+    return build_messages(record["text"], labels, cfg)
+
+
+def record_answer(record: dict) -> str:
+    """What the model must answer: the label, or the chat record's last (assistant) turn."""
+    return record["messages"][-1]["content"] if "messages" in record else record.get("label", "")
 
 
 def probe_records(labels: list[str] | None, cfg: PromptConfig) -> list[dict]:
@@ -59,8 +59,81 @@ def probe_records(labels: list[str] | None, cfg: PromptConfig) -> list[dict]:
     return [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}]
 
 
+# ----------------------------------------------------------------------------- text
+def render_prompt(tokenizer, messages: list[dict], enable_thinking: bool = False) -> str:
+    """The prompt as text, up to where the assistant's answer starts (for reading; encode with chat_ids)."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+    )
+
+
+def classification_prompt(tokenizer, text: str, labels: list[str], cfg: PromptConfig) -> str:
+    return render_prompt(tokenizer, build_messages(text, labels, cfg), cfg.enable_thinking)
+
+
+# ----------------------------------------------------------------------------- tokens
+def _specials(tokenizer) -> tuple[list[str], re.Pattern]:
+    """The tokenizer's special-token strings (<|im_start|>, <|im_end|>, ...) and a pattern finding them."""
+    cached = getattr(tokenizer, "_contract_specials", None)
+    if cached is None:
+        strings = sorted(set(tokenizer.all_special_tokens), key=len, reverse=True)
+        cached = strings, re.compile("|".join(map(re.escape, strings)))
+        tokenizer._contract_specials = cached
+    return cached
+
+
+def chat_ids(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = True,
+             enable_thinking: bool = False) -> list[list[int]]:
+    """Token ids of conversations through the chat template, user text kept as data.
+
+    Special-token strings in message contents are swapped for one-off placeholders, the template is
+    rendered, and its text is cut at the special tokens it wrote (the control tokens); each piece in
+    between, placeholders restored, is encoded as plain text (split_special_tokens). A tokenizer cuts
+    at special tokens too, so ordinary messages get the very ids plain encoding gives them."""
+    strings, pattern = _specials(tokenizer)
+    nonce = secrets.token_hex(6)
+    hidden = re.compile(f"\ue000{nonce}(\\d+)\ue001")
+
+    def hide(content):
+        return pattern.sub(lambda m: f"\ue000{nonce}{strings.index(m.group())}\ue001", content) \
+            if isinstance(content, str) else content
+
+    pieces: list[str] = []
+    plans: list[list[tuple[str, int]]] = []  # per conversation: ("text", piece index) or ("special", id)
+    for messages in conversations:
+        rendered = tokenizer.apply_chat_template([{**m, "content": hide(m.get("content"))} for m in messages],
+                                                 tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 enable_thinking=enable_thinking)
+        plan, start = [], 0
+        for m in [*pattern.finditer(rendered), None]:
+            end = m.start() if m else len(rendered)
+            if end > start:
+                plan.append(("text", len(pieces)))
+                pieces.append(hidden.sub(lambda h: strings[int(h.group(1))], rendered[start:end]))
+            if m:
+                plan.append(("special", tokenizer.convert_tokens_to_ids(m.group())))
+                start = m.end()
+        plans.append(plan)
+    encoded = tokenizer(pieces, add_special_tokens=False, split_special_tokens=True)["input_ids"] if pieces else []
+    return [[t for kind, v in plan for t in (encoded[v] if kind == "text" else [v])] for plan in plans]
+
+
+def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = False) -> list[int]:
+    """The prompt's ids up to where the assistant's answer starts (Qwen3 thinking off unless asked)."""
+    return chat_ids(tokenizer, [messages], True, enable_thinking)[0]
+
+
+def classification_ids(tokenizer, texts: list[str], labels: list[str], cfg: PromptConfig) -> list[list[int]]:
+    """The classification prompt's ids for each text (one batch through the tokenizer)."""
+    return chat_ids(tokenizer, [build_messages(t, labels, cfg) for t in texts], True, cfg.enable_thinking)
+
+
+def records_prompt_ids(tokenizer, records: list[dict], labels: list[str] | None, cfg: PromptConfig) -> list[list[int]]:
+    return chat_ids(tokenizer, [record_messages(r, labels, cfg) for r in records], True, cfg.enable_thinking)
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of rendered text; the template already holds every special token it needs."""
+    """Ids of text that is a template already (a raw completion prompt): special tokens are honoured."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -68,20 +141,31 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
 
+def answers_ids(tokenizer, answers: list[str]) -> list[list[int]]:
+    """Each answer as the model must produce it: its tokens (as plain text), then <|im_end|>."""
+    if not answers:
+        return []
+    encoded = tokenizer(answers, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [ids + [end_of_turn_id(tokenizer)] for ids in encoded]
+
+
 def answer_ids(tokenizer, answer: str) -> list[int]:
-    """The assistant's answer as the model must produce it: its tokens, then <|im_end|>."""
-    return encode_text(tokenizer, answer) + [end_of_turn_id(tokenizer)]
+    return answers_ids(tokenizer, [answer])[0]
 
 
-def encode_example(tokenizer, prompt: str, answer: str) -> dict[str, list[int]]:
+def encode_example(prompt: list[int], answer: list[int]) -> dict[str, list[int]]:
     """input_ids and labels for one training example; the loss sees only the answer tokens."""
-    prompt_ids, target_ids = encode_text(tokenizer, prompt), answer_ids(tokenizer, answer)
-    return {
-        "input_ids": prompt_ids + target_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
-    }
+    return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
 
 
+def encode_records(tokenizer, records: list[dict], labels: list[str] | None, cfg: PromptConfig) -> list[dict]:
+    """Training examples of prepared records; prepare_data.py counts its token budget with this too."""
+    prompts = records_prompt_ids(tokenizer, records, labels, cfg)
+    answers = answers_ids(tokenizer, [record_answer(r) for r in records])
+    return [encode_example(p, a) for p, a in zip(prompts, answers)]
+
+
+# ----------------------------------------------------------------------------- replies
 def strip_thinking(reply: str) -> str:
     """Drop a Qwen3 <think>...</think> block (also an unclosed one) and the end-of-turn marker."""
     reply = _THINK_BLOCK.sub("", reply)

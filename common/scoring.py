@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from common.batching import left_pad, position_ids
-from common.prompts import answer_ids, encode_text
+from common.prompts import answers_ids
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LabelScores:
 
 def label_tokens(tokenizer, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """[K, L] right-padded answer ids (label + <|im_end|>) and their mask."""
-    seqs = [answer_ids(tokenizer, label) for label in labels]
+    seqs = answers_ids(tokenizer, labels)
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -80,10 +80,3 @@ def score_label_ids(model, tokenizer, prompt_ids: list[list[int]], labels: list[
         if progress is not None:
             progress.update(len(batch))
     return LabelScores(torch.cat(out) if out else torch.empty(0, len(labels)))
-
-
-def score_labels(model, tokenizer, prompts: list[str], labels: list[str], batch_size: int = 8,
-                 progress=None) -> LabelScores:
-    """The same for rendered prompt texts (training's evaluation and evaluate_model.py)."""
-    return score_label_ids(model, tokenizer, [encode_text(tokenizer, p) for p in prompts], labels, batch_size,
-                           progress)

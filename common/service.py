@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,7 +24,16 @@ log = logging.getLogger("serve")
 
 # How a finished request is counted in /stats and the log; a 503 is counted by its reason instead.
 OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "bad_method",
-            413: "too_large", 415: "bad_media_type", 429: "rate_limited", 500: "error", 504: "timeout"}
+            413: "too_large", 415: "bad_media_type", 429: "rate_limited", 499: "cancelled", 500: "error",
+            504: "timeout"}
+# How the engine ended a request that did not succeed: (HTTP status, error type, message).
+ENDINGS = {
+    "error": (500, "server_error", "generation failed on the server; see its log"),
+    "queue_timeout": (503, "server_busy", "waited too long for a free slot; retry shortly"),
+    "draining": (503, "server_busy", "the server is shutting down; retry on another instance or shortly"),
+    "shutdown": (503, "server_busy", "the server shut down before the generation finished; retry"),
+    "cancelled": (499, "cancelled", "the client closed the connection"),
+}
 
 
 def api_keys(serve_cfg) -> list[str]:
@@ -59,7 +70,8 @@ class ServerState:
             model = load_model(self.model_dir, s.quantization, adapter=self.adapter).eval()
             self.labels = read_labels(*filter(None, (self.adapter, self.model_dir))) or []
             self.engine = Engine(model, self.tokenizer, s.max_concurrent, s.max_queue, s.max_queue_wait_s,
-                                 s.batch_wait_ms)
+                                 s.batch_wait_ms, unhealthy_after=s.unhealthy_after_failures,
+                                 unhealthy_window_s=s.unhealthy_window_s)
             log.info("serving %s (%d labels), loaded in %.1fs", self.name, len(self.labels), time.time() - started)
         except Exception as e:  # the worker stays up and says why on /health
             self.error = f"{type(e).__name__}: {e}"
@@ -69,10 +81,26 @@ class ServerState:
         return self.engine is not None and not self.draining
 
     def drain(self) -> None:
-        """SIGTERM: admit nothing new (503), let what is in flight finish."""
+        """SIGTERM: admit nothing new (503), end what waits (503 'draining'), let what runs finish."""
         self.draining = True
         if self.engine is not None:
             self.engine.drain()
+        log.info("draining: admitting nothing new, finishing what runs")
+
+    def finish_running(self, grace_s: float) -> None:
+        """Wait up to grace_s for the running generations; then end the rest ('shutdown': a 503, or an
+        error event on a stream) and give their responses a moment to be written."""
+        deadline = time.monotonic() + grace_s
+        while self.engine is not None and not self.engine.idle() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.engine is not None and not self.engine.idle():
+            log.warning("drain: the grace period ended with %d generations running; ending them",
+                        self.engine.load()[0])
+            self.engine.abort("shutdown")
+            end = time.monotonic() + 2.0
+            while not self.engine.idle() and time.monotonic() < end:
+                time.sleep(0.05)
+        time.sleep(0.2)  # the last responses leave their threads
 
     def unavailable(self, message: str, code: str) -> ApiError:
         return ApiError(503, message, type="server_busy", code=code,
@@ -102,7 +130,8 @@ class Accounting:
         if self.recorded:
             return
         self.recorded = True
-        outcome = self.code if status == 503 and self.code else OUTCOMES.get(status, f"http_{status}")
+        # a 503 or a failed generation is counted by its reason (queue_full, draining, engine_error, ...)
+        outcome = self.code if status in (500, 503) and self.code else OUTCOMES.get(status, f"http_{status}")
         seconds = time.monotonic() - self.started
         state.stats.record(self.endpoint, outcome, seconds, self.tokens_in, self.tokens_out)
         extra = {"request_id": self.request_id, "client": self.client, "endpoint": self.endpoint, "status": status,
@@ -144,10 +173,8 @@ def check_model_name(state: ServerState, model: str | None) -> None:
                        code="model_not_found", param="model")
 
 
-def capped_ids(state: ServerState, text: str, param: str) -> list[int]:
-    """The prompt's token ids, tokenized once per request; 400 with both numbers past the cap."""
-    from common.prompts import encode_text
-    ids = encode_text(state.tokenizer, text)
+def capped(state: ServerState, ids: list[int], param: str) -> list[int]:
+    """The prompt's token ids (tokenized once per request); 400 with both numbers past the cap."""
     cap = state.cfg.serve.max_prompt_tokens
     if len(ids) > cap:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; this server accepts at most {cap}",
@@ -155,12 +182,14 @@ def capped_ids(state: ServerState, text: str, param: str) -> list[int]:
     return ids
 
 
-def prompt_ids(state: ServerState, p: Params) -> list[int]:
-    from common.prompts import render_prompt
+def request_ids(state: ServerState, p: Params) -> list[int]:
+    """Chat messages through the prompt contract (their text stays data); a raw completion prompt is the
+    client's own template, so its special tokens count (as in vLLM)."""
+    from common.prompts import encode_text, prompt_ids
     if p.messages is None:
-        return capped_ids(state, p.prompt, "prompt")
+        return capped(state, encode_text(state.tokenizer, p.prompt), "prompt")
     thinking = p.chat_template_kwargs.get("enable_thinking", state.cfg.prompt.enable_thinking)
-    return capped_ids(state, render_prompt(state.tokenizer, p.messages, thinking), "messages")
+    return capped(state, prompt_ids(state.tokenizer, p.messages, thinking), "messages")
 
 
 def resolve_labels(state: ServerState, labels) -> list[str]:
@@ -183,18 +212,49 @@ def submit(state: ServerState, req) -> None:
         raise state.unavailable("the server is shutting down", "draining") from None
 
 
+def client_gone() -> bool:
+    """Has the client closed its connection? (gunicorn's socket: readable with nothing to read.)"""
+    from flask import request
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:  # another server (Flask's development server): cannot tell, so assume present
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:  # reset by the peer
+        return True
+
+
+def ending_error(state: ServerState, reason: str | None) -> ApiError | None:
+    """The HTTP error for how the engine ended a request; None when it succeeded."""
+    if reason in ("stop", "length"):
+        return None
+    if reason in (None, "timeout"):
+        return ApiError(504, f"the request took longer than {state.cfg.serve.request_timeout_s:g}s and was stopped",
+                        type="timeout", code="timeout")
+    status, kind, message = ENDINGS[reason]
+    retry = {"queue_timeout": state.cfg.serve.retry_after_busy_s}.get(reason, state.cfg.serve.retry_after_unavailable_s)
+    return ApiError(status, message, type=kind, code=reason if reason != "error" else "engine_error",
+                    headers={"Retry-After": str(retry)} if status == 503 else None)
+
+
 def wait(state: ServerState, req) -> None:
-    """Block until the engine finishes the request; map how it ended to an HTTP error if it failed."""
-    req.done.wait(timeout=max(req.deadline - time.monotonic(), 0) + 1.0)
-    reason = req.finish_reason
-    if reason is None or reason == "timeout":
-        req.cancelled = True
-        raise ApiError(504, f"the request took longer than {state.cfg.serve.request_timeout_s:g}s and was stopped",
-                       type="timeout", code="timeout")
-    if reason == "queue_timeout":
-        raise state.busy("waited too long for a free slot; retry shortly", "queue_timeout")
-    if reason == "error":
-        raise ApiError(500, "generation failed on the server; see its log", type="server_error", code="engine_error")
+    """Block until the engine finishes the request; a client that hangs up meanwhile cancels it (its
+    slot is free at the next step). Raises the HTTP error for how it ended, if it failed."""
+    limit = req.deadline + 1.0
+    while not req.done.wait(timeout=0.1):
+        if client_gone():
+            req.cancelled = True
+            req.done.wait(timeout=2.0)
+            raise ending_error(state, "cancelled")
+        if time.monotonic() > limit:  # the engine missed the deadline: stop it from here
+            req.cancelled = True
+            break
+    error = ending_error(state, req.finish_reason)
+    if error is not None:
+        raise error
 
 
 def generation(state: ServerState, p: Params, ids: list[int]):
@@ -227,29 +287,34 @@ def sse(obj) -> str:
 
 
 def stream(state: ServerState, req, p: Params, chunk, acct: Accounting, opening: dict | None = None):
-    """Server-sent events: (an opening chunk), text deltas, the finish chunk, usage if asked, [DONE]."""
+    """Server-sent events: (an opening chunk), text deltas, the finish chunk, usage if asked, [DONE].
+    A failure after the status line travels as an error event before [DONE]."""
+    gone = False
     try:
         if opening is not None:
             yield sse(opening)
         while True:
-            kind, text = req.events.get(timeout=max(req.deadline - time.monotonic(), 0) + 1.0)
+            try:
+                kind, text = req.events.get(timeout=max(req.deadline - time.monotonic(), 0) + 1.0)
+            except queue.Empty:  # the engine missed the deadline by more than a second: stop it from here
+                req.cancelled, req.finish_reason = True, req.finish_reason or "timeout"
+                break
             if kind == "done":
                 break
             yield sse(chunk(text, None))
-        if req.finish_reason in ("stop", "length"):
+        error = ending_error(state, req.finish_reason)
+        if error is None:
             yield sse(chunk("", req.finish_reason))
             if p.include_usage:
                 yield sse({**chunk("", None), "choices": [], "usage": usage(len(req.prompt_ids), len(req.out_ids))})
-        else:  # the status line is long gone: the failure travels as an error event
-            status, kind = (500, "server_error") if req.finish_reason == "error" else (504, "timeout")
-            yield sse(ApiError(status, f"generation ended early: {req.finish_reason}", type=kind,
-                               code=req.finish_reason).body())
+        else:
+            yield sse(error.body())
         yield "data: [DONE]\n\n"
-    except BaseException:  # the client went away (GeneratorExit), or the wait itself timed out
-        req.cancelled = True
+    except GeneratorExit:  # the server closed the stream because the client went away
+        gone = True
         raise
     finally:
-        ok = req.finish_reason in ("stop", "length")
-        acct.tokens_out = len(req.out_ids)
-        acct.code = None if ok else req.finish_reason
-        acct.record(state, 200 if ok else 504)
+        req.cancelled = req.cancelled or gone or not req.done.is_set()
+        error = ending_error(state, "cancelled" if gone else req.finish_reason)
+        acct.tokens_out, acct.code = len(req.out_ids), error.code if error else None
+        acct.record(state, error.status if error else 200)

@@ -1,6 +1,7 @@
 """Start the real service (start_production.sh's gunicorn) on a free localhost port for a test."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,6 +31,11 @@ class Server:
     def log_text(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*")) if p.is_file())
 
+    def records(self) -> list[dict]:
+        """The JSON lines of logs/serve.jsonl: one per finished request, plus the service's own events."""
+        path = self.logs / "serve.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -40,14 +46,15 @@ class Server:
         return self.proc.wait()
 
 
-def start_server(model: Path, logs: Path, **env: str) -> Server:
-    """gunicorn -c gunicorn.conf.py with the model and overrides in the environment; waits for /health."""
+def start_server(model: Path, logs: Path, conf: str = "gunicorn.conf.py", **env: str) -> Server:
+    """gunicorn -c CONF (the real gunicorn.conf.py) with the model and overrides in the environment;
+    waits for /health."""
     port = free_port()
     full = {**{k: v for k, v in os.environ.items() if not k.startswith("QWEN_")}, "PORT": str(port),
             "HOST": "127.0.0.1", "MODEL_PATH": str(model), "LOGS_DIR": str(logs), "PYTHONUNBUFFERED": "1",
             **env}
     logs.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT, env=full,
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", conf], cwd=ROOT, env=full,
                             stdout=open(logs / "stdout.txt", "w"), stderr=subprocess.STDOUT)
     server = Server(proc, f"http://127.0.0.1:{port}", logs)
     deadline = time.time() + 120

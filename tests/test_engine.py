@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from common.engine import Engine, GenRequest, QueueFull, ScoreRequest
+from common.engine import Draining, Engine, GenRequest, QueueFull, ScoreRequest
 from common.loading import load_model
-from common.prompts import encode_text, render_prompt
+from common.prompts import prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def model(tiny_model):
 
 
 def ids_for(tokenizer, text):
-    return encode_text(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": text}]))
+    return prompt_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 def request(tokenizer, text, n, **kw):
@@ -85,3 +85,113 @@ def test_score_requests_share_the_thread(model, tokenizer):
     s = ScoreRequest(prompt_ids=[ids_for(tokenizer, "x")], labels=["a", "b"], deadline=time.monotonic() + 30)
     engine.submit(s)
     assert s.done.wait(30) and s.logprobs.shape == (1, 2) and torch.isfinite(s.logprobs).all()
+
+
+def inject(engine, **budget):
+    """The model's forward raises on the next budget[phase] passes of each phase (prefill, decode, score)."""
+    real = engine.model.forward
+
+    def forward(*args, **kwargs):
+        if budget.get(engine.phase, 0) > 0:
+            budget[engine.phase] -= 1
+            raise budget.get("error", RuntimeError)(f"injected fault in {engine.phase}")
+        return real(*args, **kwargs)
+    engine.model.forward = forward
+    return budget
+
+
+def settled(engine):
+    """Wait for the scheduler to finish its current pass, then: (admitted, waiting + running)."""
+    deadline = time.monotonic() + 30
+    while engine.phase != "idle" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with engine.wake:
+        return engine.admitted, len(engine.pending) + len(engine.rows)
+
+
+@pytest.fixture
+def engine(tiny_model, tokenizer):
+    eng = Engine(load_model(tiny_model).eval(), tokenizer, max_concurrent=3, max_queue=4, max_queue_wait_s=30,
+                 batch_wait_ms=0, unhealthy_after=2)
+    yield eng
+    eng.abort("test over")
+
+
+def test_a_failed_prefill_fails_only_the_joining_request(engine, tokenizer):
+    running = request(tokenizer, "正在运行", 300, events=queue.Queue())
+    engine.submit(running)
+    assert running.events.get(timeout=30)[0] == "delta"
+    inject(engine, prefill=1)
+    joining = request(tokenizer, "加入", 8)
+    engine.submit(joining)
+    assert joining.done.wait(10) and joining.finish_reason == "error"
+    assert running.done.wait(60) and running.finish_reason == "length" and len(running.out_ids) == 300
+    assert settled(engine) == (0, 0) and engine.accounting_errors == 0
+
+
+def test_a_failed_decode_step_fails_its_rows_and_frees_their_slots(engine, tokenizer):
+    rows = [request(tokenizer, f"行{i}", 50) for i in range(2)]
+    inject(engine, decode=1)
+    for r in rows:
+        engine.submit(r)
+    assert all(r.done.wait(10) for r in rows) and {r.finish_reason for r in rows} == {"error"}
+    after = request(tokenizer, "之后", 5)
+    engine.submit(after)
+    assert after.done.wait(10) and after.finish_reason == "length"
+    assert settled(engine) == (0, 0)
+
+
+def test_a_failed_scoring_pass_fails_that_request(engine, tokenizer):
+    inject(engine, score=1)
+    bad, good = (ScoreRequest(prompt_ids=[ids_for(tokenizer, "x")], labels=["a", "b"], deadline=time.monotonic() + 30)
+                 for _ in range(2))
+    engine.submit(bad)
+    assert bad.done.wait(10) and bad.finish_reason == "error"
+    engine.submit(good)
+    assert good.done.wait(10) and good.finish_reason == "stop" and good.logprobs.shape == (1, 2)
+    assert settled(engine) == (0, 0)
+
+
+def test_out_of_memory_on_prefill_retries_one_by_one(engine, tokenizer):
+    """An OOM on a joint prefill tries each request alone once: here the first alone fails too, the rest run."""
+    engine.batch_wait_s = 0.2  # let the three arrive as one prefill
+    inject(engine, prefill=2, error=torch.OutOfMemoryError)
+    reqs = [request(tokenizer, f"内存{i}", 4) for i in range(3)]
+    for r in reqs:
+        engine.submit(r)
+    assert all(r.done.wait(20) for r in reqs)
+    assert [r.finish_reason for r in reqs] == ["error", "length", "length"]
+    assert settled(engine) == (0, 0)
+
+
+def test_repeated_failures_show_in_health_and_a_success_clears_them(engine, tokenizer):
+    inject(engine, prefill=2)
+    for i in range(2):
+        r = request(tokenizer, f"坏{i}", 4)
+        engine.submit(r)
+        assert r.done.wait(10) and r.finish_reason == "error"
+    assert "prefill: RuntimeError: injected fault" in engine.health()
+    ok = request(tokenizer, "好", 4)
+    engine.submit(ok)
+    assert ok.done.wait(10) and ok.finish_reason == "length" and engine.health() is None
+
+
+def test_drain_ends_what_waits_and_finishes_what_runs(tiny_model, tokenizer):
+    eng = Engine(load_model(tiny_model).eval(), tokenizer, max_concurrent=1, max_queue=3, max_queue_wait_s=30,
+                 batch_wait_ms=0)
+    running = request(tokenizer, "运行", 100, events=queue.Queue())
+    eng.submit(running)
+    assert running.events.get(timeout=30)[0] == "delta"
+    waiting = [request(tokenizer, f"等{i}", 4) for i in range(2)]
+    for r in waiting:
+        eng.submit(r)
+    eng.drain()
+    assert all(r.done.is_set() and r.finish_reason == "draining" for r in waiting)  # at once, not after
+    with pytest.raises(Draining):
+        eng.submit(request(tokenizer, "新", 4))
+    assert running.done.wait(60) and running.finish_reason == "length"
+    long = request(tokenizer, "被截断", 100_000)
+    eng.draining = False  # admit one more to show abort: what runs at the end of a grace period is cut
+    eng.submit(long)
+    eng.abort("shutdown")
+    assert long.done.wait(10) and long.finish_reason == "shutdown" and settled(eng) == (0, 0)

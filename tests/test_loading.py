@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common.loading import load_model, pick_device, pick_dtype, resolve_quantization
-from common.prompts import classification_prompt, encode_text
+from common.prompts import classification_ids
 
 
 def test_plain_auto_classes_load_it(tiny_model):
@@ -30,8 +30,8 @@ def test_cpu_defaults():
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer):
     from common.config import load_config
-    prompt = classification_prompt(tokenizer, "央行下调政策利率。", ["货币政策", "股市"], load_config(use_env=False).prompt)
-    return torch.tensor([encode_text(tokenizer, prompt)])
+    return torch.tensor(classification_ids(tokenizer, ["央行下调政策利率。"], ["货币政策", "股市"],
+                                           load_config(use_env=False).prompt))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from conftest import ROOT, run_script
 from common.config import load_config
 from common.loading import load_model
 from common.model_files import check_model_dir
-from common.prompts import classification_prompt
+from common.prompts import classification_ids
 
 
 def merge_args(run, prepared_data, output, *extra: str) -> list[str]:
@@ -60,8 +60,8 @@ def test_merged_logits_equal_base_plus_adapter(merged, trained_run, tokenizer, l
     """Re-checked here at every position of a prompt, and the trained lm_head is the one merged in."""
     from transformers import AutoModelForCausalLM
     out, _ = merged
-    prompt = classification_prompt(tokenizer, "央行宣布降准0.5个百分点。", labels, load_config(use_env=False).prompt)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(classification_ids(tokenizer, ["央行宣布降准0.5个百分点。"], labels,
+                                          load_config(use_env=False).prompt))
     with torch.no_grad():
         reference = load_model(trained_run, device="cpu").eval()(input_ids=ids).logits
         got = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
@@ -84,8 +84,8 @@ def test_merged_dir_is_a_plain_complete_model(merged, trained_run, tokenizer, la
     assert (out / "chat_template.jinja").read_bytes() == (trained_run / "chat_template.jinja").read_bytes()
     assert not (out / "train_info.json").exists()  # or newest_run() would take the merged dir for a run
     pcfg = load_config(use_env=False).prompt
-    assert classification_prompt(AutoTokenizer.from_pretrained(out), "文本", labels, pcfg) == \
-        classification_prompt(tokenizer, "文本", labels, pcfg)  # the prompt contract survives the merge
+    assert classification_ids(AutoTokenizer.from_pretrained(out), ["文本"], labels, pcfg) == \
+        classification_ids(tokenizer, ["文本"], labels, pcfg)  # the prompt contract survives the merge
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == "merge" and manifest["adapter"] == str(trained_run) and manifest["method"] == "lora"
     assert manifest["parity"]["max_abs_diff"] <= manifest["parity"]["tolerance"]

@@ -10,8 +10,8 @@ from conftest import run_script
 from common.config import load_config
 from common.loading import load_model
 from common.model_files import check_model_dir
-from common.prompts import classification_prompt
-from common.scoring import score_labels
+from common.prompts import classification_ids
+from common.scoring import score_label_ids
 
 LAYER = {8: "Linear8bitLt", 4: "Linear4bit"}
 
@@ -56,8 +56,8 @@ def test_copy_loads_quantized_without_a_config_and_answers(bits, copies, merged,
     tokenizer = AutoTokenizer.from_pretrained(out)
     labels = json.loads((out / "labels.json").read_text())["labels"]
     record = json.loads((prepared_data / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    prompt = classification_prompt(tokenizer, record["text"], labels, load_config(use_env=False).prompt)
-    scores = score_labels(model, tokenizer, [prompt], labels)
+    prompts = classification_ids(tokenizer, [record["text"]], labels, load_config(use_env=False).prompt)
+    scores = score_label_ids(model, tokenizer, prompts, labels)
     assert torch.isfinite(scores.logprobs).all() and 0 <= scores.best()[0][0] < len(labels)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == "quantize" and manifest["quantization"] == f"{bits}bit"

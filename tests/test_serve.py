@@ -168,6 +168,32 @@ def test_sdk_authentication_error(guarded):
     assert requests.get(guarded.url + "/health", timeout=10).status_code == 200  # health stays open
 
 
+def test_guessing_keys_is_rate_limited_per_address(guarded):
+    """20 bad keys a minute from one address, then 429 (even for a right key); other addresses go on."""
+    bad = {"Authorization": "Bearer sk-guess", "X-Forwarded-For": "10.0.0.9"}
+    codes = [requests.get(guarded.url + "/v1/models", headers=bad, timeout=10).status_code for _ in range(21)]
+    assert codes == [401] * 20 + [429]
+    good = {"Authorization": "Bearer sk-good", "X-Forwarded-For": "10.0.0.9"}
+    r = requests.get(guarded.url + "/v1/models", headers=good, timeout=10)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0 and r.json()["error"]["code"] == "auth_failures"
+    assert requests.get(guarded.url + "/v1/models", headers={**good, "X-Forwarded-For": "10.0.0.10"},
+                        timeout=10).status_code == 200
+
+
+def test_stats_needs_a_key_and_shows_no_paths(guarded, tiny_model):
+    assert requests.get(guarded.url + "/stats", headers={"X-Forwarded-For": "10.0.0.11"}, timeout=10).status_code == 401
+    r = requests.get(guarded.url + "/stats", headers={"Authorization": "Bearer sk-good"}, timeout=10)
+    assert r.status_code == 200 and str(tiny_model.parent) not in r.text and r.json()["model_dir"] == tiny_model.name
+    assert str(tiny_model.parent) not in requests.get(guarded.url + "/metrics", timeout=10).text
+
+
+def test_rate_limit_headers_describe_the_closest_limit(guarded):
+    headers = {"Authorization": "Bearer sk-good", "X-Forwarded-For": "10.0.0.12"}
+    r = requests.post(guarded.url + CHAT, json=chat(max_tokens=1), headers=headers, timeout=30)
+    assert r.status_code == 200 and "Retry-After" not in r.headers
+    assert r.headers["X-RateLimit-Limit"] == "10" and r.headers["X-RateLimit-Remaining"] == "9"  # per IP, not global
+
+
 def test_eleventh_request_in_a_minute_is_rate_limited(guarded):
     c = client(guarded, key="sk-good", ip="10.0.0.2")
     for _ in range(10):
@@ -187,7 +213,7 @@ def test_deadline_gives_504_and_frees_the_slot(guarded):
     # the server's only slot: had the timed-out generation kept running, this one would wait past its deadline
     r = requests.post(guarded.url + CHAT, json=chat(max_tokens=2), headers=headers, timeout=30)
     assert r.status_code == 200
-    stats = requests.get(guarded.url + "/stats", timeout=10).json()
+    stats = requests.get(guarded.url + "/stats", headers=headers, timeout=10).json()
     assert stats["in_flight"] == 0 and stats["rejections"].get("timeout") == 1
     timed_out = [json.loads(line) for line in (guarded.logs / "serve.jsonl").read_text().splitlines()
                  if '"status": 504' in line]

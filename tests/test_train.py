@@ -14,7 +14,8 @@ from common.config import load_config
 from common.loading import load_model
 from common.prompts import IGNORE_INDEX
 from common.data import read_jsonl
-from train_qwen import LeftPadCollator, encode_records, make_trainer_class
+from common.prompts import encode_records
+from train_qwen import LeftPadCollator, make_trainer_class
 
 
 def test_loss_mask_on_a_real_example(tokenizer, prepared_data):

@@ -1,0 +1,44 @@
+"""gunicorn.conf.py as it is, plus a fault injector for tests: `gunicorn -c tests/faults.conf.py`.
+
+FAULTS_FILE names a JSON file {"id": ..., "prefill": n, "decode": n, "score": n}; once a worker's model
+has loaded, its forward raises on the next n passes of each phase (the engine's `phase` says which
+pass is running). Writing the file with a new id arms a new set. Everything else is the real server.
+"""
+import importlib.util
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("real_conf", Path(__file__).resolve().parent.parent / "gunicorn.conf.py")
+_real = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_real)
+globals().update({k: v for k, v in vars(_real).items() if not k.startswith("__") and k != "post_worker_init"})
+
+
+def _arm(state, path: Path) -> None:
+    while state.engine is None:
+        time.sleep(0.05)
+    engine, real, armed = state.engine, state.engine.model.forward, {"id": None}
+
+    def forward(*args, **kwargs):
+        try:
+            wanted = json.loads(path.read_text())
+        except (OSError, ValueError):
+            wanted = {}
+        if wanted.get("id") != armed["id"]:
+            armed.clear()
+            armed.update(wanted)
+        if armed.get(engine.phase, 0) > 0:
+            armed[engine.phase] -= 1
+            raise RuntimeError(f"injected fault in {engine.phase}")
+        return real(*args, **kwargs)
+
+    engine.model.forward = forward
+
+
+def post_worker_init(worker):
+    _real.post_worker_init(worker)
+    state = worker.wsgi.extensions["qwen"]
+    threading.Thread(target=_arm, args=(state, Path(os.environ["FAULTS_FILE"])), daemon=True).start()
