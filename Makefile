@@ -5,7 +5,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_PORT ?= 8000
 
-.PHONY: test demo demo-clean clean-venv
+.PHONY: test demo demo-clean clean-venv system-deps
+
+# Debian packages some tests start for real (nginx in front of gunicorn). Installed when missing and
+# this runs as root (CI, a container); otherwise it says what is missing and those tests skip, saying why.
+DEBS := nginx
+system-deps:
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $$missing (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "note: not installed: $$missing (sudo apt-get install $$missing); the tests that need them skip"; fi
 
 # torch first and by its exact pin, so pip takes the CPU build from disk instead of a CUDA build.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -15,7 +26,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest
 
 # ---- the demo: each step is a file, so a re-run rebuilds only what is missing or out of date

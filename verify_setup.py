@@ -148,6 +148,17 @@ def check_data(cfg) -> list[Check]:
     return checks
 
 
+def check_front(front: str) -> Check:
+    """serve.front: what start_production.sh puts in front of gunicorn."""
+    if front == "none":
+        return Check("front", "PASS", "gunicorn alone (FRONT=nginx puts nginx in front for slow clients)")
+    if front != "nginx":
+        return Check("front", "FAIL", f"serve.front is '{front}'", "set FRONT / serve.front to none or nginx")
+    found = shutil.which("nginx")
+    return Check("front", "PASS" if found else "FAIL", f"nginx {'at ' + found if found else 'not installed'}",
+                 "" if found else "sudo apt-get install nginx (or FRONT=none)")
+
+
 def check_port(host: str, port: int) -> Check:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -184,7 +195,7 @@ def run(cfg, quick: bool = False, serving: bool = False) -> list[Check]:
     checks += accel + [check_bitsandbytes(), check_disk(ROOT, cfg.verify.min_free_disk_gb), check_model(model_dir)]
     if not quick and model_dir.exists():
         checks.append(check_model_loads(model_dir))
-    checks += check_data(cfg) + [check_port(cfg.serve.host, cfg.serve.port),
+    checks += check_data(cfg) + [check_front(cfg.serve.front), check_port(cfg.serve.host, cfg.serve.port),
                                  check_memory_fit(cfg, model_dir, gpu_gib)]
     return checks
 

@@ -147,6 +147,7 @@ class QuantizeConfig:
 class ServeConfig:
     host: str
     port: int
+    front: str
     model: str | None
     adapter: str | None
     served_model_name: str | None
@@ -215,6 +216,7 @@ ENV_KEYS = {
     "MODEL_PATH": "serve.model",
     "ADAPTER_PATH": "serve.adapter",
     "HOST": "serve.host",
+    "FRONT": "serve.front",
     "PORT": "serve.port",
     "WORKERS": "serve.workers",
     "QUANTIZATION": "serve.quantization",
