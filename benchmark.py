@@ -1,12 +1,16 @@
-"""Measure a running OpenAI-compatible service: throughput and latency by concurrency, and
-classification by label scoring against generating the label.
+"""Measure a running OpenAI-compatible service (ours or a peer such as `transformers serve`).
 
-    bash start_production.sh &  python benchmark.py                  # http://127.0.0.1:8000
-    python benchmark.py --concurrency 1 3 --requests 24 --max-tokens 64 --json bench.json
+    python benchmark.py                                   # throughput: tokens/s, p50/p95 at concurrency 1 and 3
+    python benchmark.py --mode classify                   # the trained prompt: scoring vs generating the label
+    python benchmark.py --mode overload --clients 30 --per-client 3      # served / rejected / latency under load
+    python benchmark.py --url http://127.0.0.1:8141 --plain --model models/tiny-qwen3   # a peer: OpenAI fields only
+    python benchmark.py --bare models/tiny-qwen3          # no server: model.generate in this process
 
-Every generation request asks for exactly --max-tokens tokens (ignore_eos), so tokens/s compares
-like with like. Prints the machine it ran on; the server's own limits must allow the load (raise
-RATE_LIMITS for a long run: QWEN_SERVE_RATE_LIMITS=100000/minute bash start_production.sh).
+Generation requests ask for exactly --max-tokens tokens (ignore_eos; a --plain peer gets no such field),
+so tokens/s compares like with like. Classification sends each item through the prompt contract (the
+system prompt and user template it was trained on, labels in labels.json's order) and parses the reply,
+so accuracy stands beside items/s. Prints the machine it ran on; the service's rate limits must allow
+the load (QWEN_SERVE_RATE_LIMITS=100000/minute QWEN_SERVE_GLOBAL_RATE_LIMIT=100000/minute).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from pathlib import Path
 import requests
 
 from common.cli import stage_parser
-from common.config import ROOT
+from common.config import ROOT, load_config
 
 
 def machine() -> str:
@@ -35,13 +39,17 @@ def machine() -> str:
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def chat_body(model: str, text: str, max_tokens: int, plain: bool) -> dict:
+def chat_body(model: str, messages: list[dict], max_tokens: int, plain: bool, exact: bool = True) -> dict:
     """A greedy chat request; `plain` (a peer server) keeps to standard OpenAI fields, so no ignore_eos."""
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": text}]}
-    return body if plain else body | {"ignore_eos": True}
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "messages": messages}
+    return body if plain or not exact else body | {"ignore_eos": True}
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
 
 
 def load_run(url: str, model: str, texts: list[str], concurrency: int, n: int, max_tokens: int, headers,
@@ -49,8 +57,8 @@ def load_run(url: str, model: str, texts: list[str], concurrency: int, n: int, m
     """n generation requests from `concurrency` clients at once: requests/s, tokens/s, latency."""
     def one(i):
         t0 = time.perf_counter()
-        r = requests.post(url + "/v1/chat/completions",
-                          json=chat_body(model, texts[i % len(texts)], max_tokens, plain), headers=headers, timeout=600)
+        r = requests.post(url + "/v1/chat/completions", json=chat_body(model, user(texts[i % len(texts)]), max_tokens,
+                                                                       plain), headers=headers, timeout=600)
         r.raise_for_status()
         return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
     t0 = time.perf_counter()
@@ -63,24 +71,86 @@ def load_run(url: str, model: str, texts: list[str], concurrency: int, n: int, m
             "p50_s": round(pct(lat, .5), 3), "p95_s": round(pct(lat, .95), 3)}
 
 
-def classification_run(url: str, model: str, items: list[dict], headers) -> dict:
-    """Per item: one scoring pass (/v1/classify) against generating the label text (chat, greedy)."""
-    labels = sorted({it["label"] for it in items})
-    score, gen = [], []
-    for it in items:
-        t0 = time.perf_counter()
-        requests.post(url + "/v1/classify", json={"model": model, "text": it["text"], "labels": labels},
-                      headers=headers, timeout=600).raise_for_status()
-        score.append(time.perf_counter() - t0)
-        body = {"model": model, "max_tokens": 8, "temperature": 0,
-                "messages": [{"role": "user", "content": it["text"]}]}
-        t0 = time.perf_counter()
-        requests.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=600).raise_for_status()
-        gen.append(time.perf_counter() - t0)
-    return {"items": len(items), "scoring_p50_ms": round(1000 * pct(score, .5), 1),
-            "generation_p50_ms": round(1000 * pct(gen, .5), 1), "generation_max_tokens": 8}
+# ----------------------------------------------------------------------------- classification
+def timed_pool(fn, jobs: list, concurrency: int) -> tuple[list, float]:
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        out = list(pool.map(fn, jobs))
+    return out, time.perf_counter() - t0
 
 
+def classify_rows(url: str, model: str, items: list[dict], labels: list[str], headers, plain: bool,
+                  concurrency: int) -> list[dict]:
+    """Generating the label through the trained prompt; unless plain, /v1/classify 1 and 32 texts a call."""
+    from common.prompts import build_messages, parse_label
+    pcfg = load_config(use_env=False).prompt
+    truth = [it["label"] for it in items]
+
+    def generate(it):
+        body = chat_body(model, build_messages(it["text"], labels, pcfg), 8, plain, exact=False)
+        r = requests.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=600)
+        r.raise_for_status()
+        return [parse_label(r.json()["choices"][0]["message"]["content"], labels)]
+
+    def score(batch):
+        r = requests.post(url + "/v1/classify", json={"model": model, "text": [it["text"] for it in batch],
+                                                       "labels": labels}, headers=headers, timeout=600)
+        r.raise_for_status()
+        return [x["label"] for x in r.json()["results"]]
+
+    ways = [("generating the label (chat, greedy)", generate, items)]
+    if not plain:
+        ways += [("label scoring, 1 text a call", score, [[it] for it in items]),
+                 ("label scoring, 32 texts a call", score, [items[i:i + 32] for i in range(0, len(items), 32)])]
+    rows = []
+    for name, fn, jobs in ways:
+        answers, wall = timed_pool(fn, jobs, concurrency)
+        got = [a for batch in answers for a in batch]
+        rows.append({"way": name, "concurrency": concurrency, "items": len(items),
+                     "items_per_s": round(len(items) / wall, 1), "ms_per_item": round(1000 * wall / len(items), 1),
+                     "accuracy": round(sum(g == t for g, t in zip(got, truth)) / len(items), 3),
+                     "invalid": sum(g is None for g in got)})
+    return rows
+
+
+def model_labels(items: list[dict]) -> list[str]:
+    """The labels in the order training put them in the prompt (data.processed_dir/labels.json)."""
+    from common.data import read_labels
+    cfg = load_config(use_env=False)
+    return read_labels(cfg.resolve(cfg.data.processed_dir)) or list(dict.fromkeys(it["label"] for it in items))
+
+
+# ----------------------------------------------------------------------------- overload
+def overload_run(url: str, model: str, texts: list[str], clients: int, per_client: int, max_tokens: int, headers,
+                 plain: bool) -> dict:
+    """`clients` clients at once, each sending `per_client` requests one after another: what was served,
+    what was refused (and how fast), the admitted requests' latency, tokens/s."""
+    def client(c):
+        out = []
+        for k in range(per_client):
+            t0 = time.perf_counter()
+            r = requests.post(url + "/v1/chat/completions", json=chat_body(model, user(texts[(c + k) % len(texts)]),
+                                                                           max_tokens, plain), headers=headers,
+                              timeout=600)
+            out.append((r.status_code, time.perf_counter() - t0,
+                        r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0))
+        return out
+    results, wall = timed_pool(client, list(range(clients)), clients)
+    flat = [x for c in results for x in c]
+    ok = [s for code, s, _ in flat if code == 200]
+    refused = [s for code, s, _ in flat if code != 200]
+    codes: dict[int, int] = {}
+    for code, _, _ in flat:
+        codes[code] = codes.get(code, 0) + 1
+    return {"clients": clients, "per_client": per_client, "requests": len(flat), "served": len(ok),
+            "refused": len(refused), "codes": codes, "seconds": round(wall, 2),
+            "tokens_per_s": round(sum(t for _, _, t in flat) / wall, 1),
+            "admitted_p50_s": round(pct(ok, .5), 3), "admitted_p95_s": round(pct(ok, .95), 3),
+            "admitted_max_s": round(max(ok, default=float("nan")), 3),
+            "refusal_p50_ms": round(1000 * pct(refused, .5), 1) if refused else None}
+
+
+# ----------------------------------------------------------------------------- in process, no server
 def bare_generate(model_dir: str, texts: list[str], n: int, max_tokens: int) -> dict:
     """The same prompts through model.generate in this process, one at a time: no service layer."""
     import torch
@@ -91,7 +161,7 @@ def bare_generate(model_dir: str, texts: list[str], n: int, max_tokens: int) -> 
     lat, tokens = [], 0
     t_all = time.perf_counter()
     for i in range(n):
-        ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": texts[i % len(texts)]}])])
+        ids = torch.tensor([prompt_ids(tok, user(texts[i % len(texts)]))])
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
@@ -102,53 +172,75 @@ def bare_generate(model_dir: str, texts: list[str], n: int, max_tokens: int) -> 
             "tokens_per_s": round(tokens / wall, 1), "p50_s": round(pct(lat, .5), 3), "p95_s": round(pct(lat, .95), 3)}
 
 
+# ----------------------------------------------------------------------------- the command line
+def table(rows: list[dict], keys: list[str]) -> None:
+    print("  ".join(f"{k:>{max(len(k), 8)}}" for k in keys))
+    for r in rows:
+        print("  ".join(f"{str(r[k]):>{max(len(k), 8)}}" for k in keys))
+
+
+def run(args) -> dict:
+    items = json.loads(Path(args.data).read_text(encoding="utf-8"))
+    texts = [it["text"] for it in items]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    url = args.url.rstrip("/")
+    model = args.model or requests.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    requests.post(url + "/v1/chat/completions", json=chat_body(model, user("warm up"), 4, args.plain),
+                  headers=headers, timeout=600).raise_for_status()
+    out = {"machine": machine(), "model": model, "mode": args.mode}
+    if args.mode == "generate":
+        out["runs"] = [load_run(url, model, texts, c, args.requests, args.max_tokens, headers, args.plain)
+                       for c in args.concurrency]
+    elif args.mode == "classify":
+        labels = model_labels(items)
+        chosen = items[:args.classify_items] if args.classify_items else items
+        out["runs"] = [row for c in args.concurrency
+                       for row in classify_rows(url, model, chosen, labels, headers, args.plain, c)]
+    else:
+        out["runs"] = [overload_run(url, model, texts, args.clients, args.per_client, args.max_tokens, headers,
+                                    args.plain)]
+    return out
+
+
+COLUMNS = {"generate": ["concurrency", "requests_per_s", "tokens_per_s", "p50_s", "p95_s"],
+           "classify": ["way", "concurrency", "items_per_s", "ms_per_item", "accuracy", "invalid"],
+           "overload": ["requests", "served", "refused", "codes", "tokens_per_s", "admitted_p50_s", "admitted_p95_s",
+                        "admitted_max_s", "refusal_p50_ms"]}
+
+
 def main(argv=None) -> int:
     parser = stage_parser(__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key")
     parser.add_argument("--model", help="the model id to send (default: the first of GET /v1/models)")
+    parser.add_argument("--mode", choices=list(COLUMNS), default="generate")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--requests", type=int, default=12, help="generation requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--classify-items", type=int, default=16)
+    parser.add_argument("--classify-items", type=int, default=0, help="items to classify (0 = all of --data)")
+    parser.add_argument("--clients", type=int, default=30, help="overload: clients at once")
+    parser.add_argument("--per-client", type=int, default=3, help="overload: requests each, one after another")
     parser.add_argument("--data", default=str(ROOT / "data" / "sample_test.json"))
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--plain", action="store_true",
-                        help="standard OpenAI fields only (a peer such as `transformers serve`); no classification")
+                        help="standard OpenAI fields only (a peer such as `transformers serve`); no /v1/classify")
     parser.add_argument("--bare", metavar="MODEL_DIR", help="instead of a server: model.generate in this process")
     args = parser.parse_args(argv)
-    items = json.loads(Path(args.data).read_text(encoding="utf-8"))
     if args.bare:
-        r = bare_generate(args.bare, [it["text"] for it in items], args.requests, args.max_tokens)
+        texts = [it["text"] for it in json.loads(Path(args.data).read_text(encoding="utf-8"))]
+        r = bare_generate(args.bare, texts, args.requests, args.max_tokens)
         print(f"machine: {machine()}; bare model.generate, {args.max_tokens} tokens max per request")
         print(f"{r['requests_per_s']} req/s, {r['tokens_per_s']} tokens/s, p50 {r['p50_s']} s, p95 {r['p95_s']} s")
         return 0
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    url = args.url.rstrip("/")
     try:
-        model = args.model or requests.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-        requests.post(url + "/v1/chat/completions", json=chat_body(model, "warm up", 4, args.plain), headers=headers,
-                      timeout=600).raise_for_status()
-        runs = [load_run(url, model, [it["text"] for it in items], c, args.requests, args.max_tokens, headers,
-                         args.plain) for c in args.concurrency]
-        cls = None if args.plain else classification_run(url, model, items[:args.classify_items], headers)
-    except (requests.RequestException, KeyError, IndexError) as e:
-        print(f"error: {e} (is the service at {url} running, with rate limits above this load?)", file=sys.stderr)
+        out = run(args)
+    except (requests.RequestException, KeyError, IndexError, ValueError) as e:
+        print(f"error: {e} (is the service at {args.url} running, with rate limits above this load?)", file=sys.stderr)
         return 1
-    print(f"machine: {machine()}; model {model}; {args.max_tokens} tokens per request")
-    print(f"{'concurrency':>11} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7}")
-    for r in runs:
-        print(f"{r['concurrency']:>11} {r['requests_per_s']:>7} {r['tokens_per_s']:>9} {r['p50_s']:>7} {r['p95_s']:>7}")
-    base = runs[0]["tokens_per_s"]
-    for r in runs[1:]:
-        print(f"throughput at concurrency {r['concurrency']}: {r['tokens_per_s'] / base:.2f}x concurrency "
-              f"{runs[0]['concurrency']}")
-    if cls:
-        print(f"classification per item (p50): label scoring {cls['scoring_p50_ms']} ms, generating the label "
-              f"(up to 8 tokens) {cls['generation_p50_ms']} ms")
+    print(f"machine: {out['machine']}; model {out['model']}; mode {args.mode}")
+    table(out["runs"], COLUMNS[args.mode])
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "model": model, "runs": runs,
-                                               "classification": cls}, indent=2))
+        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -55,7 +55,7 @@ def chat_completions():
     if p.labels is not None:
         return jsonify(classify_chat(st, p, ids, rid))
     chunk = lambda text, fin: chat_chunk(rid, st.name, {"content": text} if text else {}, fin)  # noqa: E731
-    req = generation(st, p, ids)
+    req = submit_generation(st, p, ids)
     if p.stream:
         return sse_response(st, req, p, chunk, opening=chat_chunk(rid, st.name, {"role": "assistant", "content": ""}))
     finish(st, req)
@@ -79,7 +79,7 @@ def completions():
     from flask import jsonify
     st, p, ids = parsed(parse_completion)
     rid = new_id("cmpl")
-    req = generation(st, p, ids)
+    req = submit_generation(st, p, ids)
     if p.stream:
         return sse_response(st, req, p, lambda text, fin: completion_response(rid, st.name, text, fin, None))
     finish(st, req)
@@ -107,6 +107,14 @@ def models():
     st = state()
     return jsonify({"object": "list", "data": [{"id": st.name, "object": "model",
                                                 "created": int(st.stats.started), "owned_by": "local"}]})
+
+
+def submit_generation(st: ServerState, p: Params, ids: list[int]):
+    """Submit the generation; its record notes the sampling it runs with (defaults filled in)."""
+    from flask import g
+    req = generation(st, p, ids)
+    g.acct.sampling = req.sampling.as_dict()
+    return req
 
 
 def finish(st: ServerState, req) -> None:

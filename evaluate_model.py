@@ -82,6 +82,17 @@ def print_table(m: dict, baseline: dict | None) -> None:
         print(f"{key:<12} {m[key]:.4f}{delta}")
 
 
+def load_served(cfg, model_dir: Path):
+    """The model as serving would load it (evaluate.quantization, the serve section's placement)."""
+    from common.loading import adapter_base_path, is_adapter_dir
+    from common.memory import placement_for
+    base, adapter = (cfg.resolve(adapter_base_path(model_dir)), model_dir) if is_adapter_dir(model_dir) \
+        else (model_dir, None)
+    p = placement_for(base, cfg.evaluate.quantization, cfg.serve, adapter)
+    return load_model(base, p.quantization, adapter=adapter, quantize_lm_head=p.quantize_lm_head,
+                      embed_on_cpu=p.embed_on_cpu).eval()
+
+
 def test_set(cfg, model_dir: Path) -> tuple[list[dict], list[str]]:
     """(the split's records, the model's labels); errors when they do not fit together."""
     processed = cfg.resolve(cfg.data.processed_dir)
@@ -116,7 +127,7 @@ def run(cfg, output_dir: str | None = None) -> dict:
     e = cfg.evaluate
     model_dir = cfg.resolve(e.model) if e.model else newest_run(cfg.resolve(cfg.train.runs_dir))
     records, labels = test_set(cfg, model_dir)
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    tokenizer, model = load_tokenizer(model_dir), load_served(cfg, model_dir)
     prompts = classification_ids(tokenizer, [r["text"] for r in records], labels, cfg.prompt)
     start = time.time()
     with tqdm(total=len(prompts), desc="scoring", unit="item") as bar:

@@ -59,15 +59,15 @@ def quant_device() -> str:
 
 
 # ----------------------------------------------------------------------------- checks
-def unquantized_linears(model) -> list[str]:
-    """Linear layers bitsandbytes left in full precision; lm_head is kept so on purpose."""
-    return [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and name != "lm_head"]
+def unquantized_linears(model, head_too: bool) -> list[str]:
+    """Linear layers bitsandbytes left in full precision; lm_head stays so unless asked (quantize.lm_head)."""
+    return [name for name, m in model.named_modules() if type(m) is torch.nn.Linear and (head_too or name != "lm_head")]
 
 
-def check_quantized(model, layer: str) -> int:
+def check_quantized(model, layer: str, head_too: bool) -> int:
     """The number of `layer` modules; raises when the copy did not come back quantized."""
     count = sum(type(m).__name__ == layer for m in model.modules())
-    plain = unquantized_linears(model)
+    plain = unquantized_linears(model, head_too)
     if count == 0 or plain:
         raise QuantizeError(f"the saved copy loads with {count} {layer} layers and full-precision {plain[:3]}: "
                             f"it did not come back quantized; nothing was written")
@@ -97,12 +97,12 @@ def weights_size(d: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- the copy
-def quantize_into(tmp: Path, source: Path, bits: int, device: str, ask) -> dict:
+def quantize_into(tmp: Path, source: Path, bits: int, head: bool, device: str, ask) -> dict:
     """Quantize at load, save, load the saved copy plainly, check its layers and let it answer."""
     from transformers import AutoModelForCausalLM
     mode, _, layer = MODES[bits]
     start = time.time()
-    model = load_model(source, quantization=mode, device=device)
+    model = load_model(source, quantization=mode, device=device, quantize_lm_head=head)
     quantize_load_s = time.time() - start
     model.save_pretrained(tmp)  # bitsandbytes weights + quantization_config in config.json
     copy_extras([source], tmp)
@@ -111,7 +111,7 @@ def quantize_into(tmp: Path, source: Path, bits: int, device: str, ask) -> dict:
     start = time.time()
     copy = AutoModelForCausalLM.from_pretrained(tmp, device_map={"": device}).eval()  # no quantization config given
     copy_load_s = time.time() - start
-    layers = check_quantized(copy, layer)
+    layers = check_quantized(copy, layer, head)
     picked = ask(copy)
     del copy
     free_memory(device)
@@ -139,8 +139,12 @@ def run(cfg, force: bool = False) -> dict:
     q = cfg.quantize
     if q.bits not in MODES:
         raise ConfigError(f"quantize.bits must be 8 (LLM.int8) or 4 (NF4), got {q.bits}")
+    if q.lm_head not in ("quantized", "16bit"):
+        raise ConfigError(f"quantize.lm_head must be quantized or 16bit, got '{q.lm_head}'")
     source = find_source(cfg)
     mode, suffix, _ = MODES[q.bits]
+    tied = json.loads((source / "config.json").read_text(encoding="utf-8")).get("tie_word_embeddings", False)
+    head = q.lm_head == "quantized" and not tied
     target = cfg.resolve(q.output) if q.output else source.parent / f"{source.name}-{suffix}"
     if target.exists() and not force:  # before minutes of loading; save_atomically checks it again
         raise ConfigError(f"{target} exists; pass --force to replace it")
@@ -156,16 +160,16 @@ def run(cfg, force: bool = False) -> dict:
         # The 16-bit answers first: this load also pays the process's one-time set-up (~2 s), so the two
         # timed loads below compare loading, not importing.
         reference = sixteen_bit_answers(source, tokenizer, prompts, labels) if items else []
-        figures.update(quantize_into(tmp, source, q.bits, device, lambda m: answer(m, tokenizer, prompts, labels)))
+        figures.update(quantize_into(tmp, source, q.bits, head, device, lambda m: answer(m, tokenizer, prompts, labels)))
         if items:
             figures.update(agreement(figures["picked"], reference, [labels.index(r["label"]) for r in items]),
                            split=split)
-        write_manifest(tmp, source="quantize", model=str(source), quantization=mode,
+        write_manifest(tmp, source="quantize", model=str(source), quantization=mode, lm_head_quantized=head,
                        **{k: figures[k] for k in ("agreement", "items") if k in figures})
 
     start = time.time()
     save_atomically(target, write, force)
-    return {**figures, "source": source, "target": target, "mode": mode, "device": device,
+    return {**figures, "source": source, "target": target, "mode": mode, "device": device, "lm_head": head,
             "copy_bytes": weights_size(target), "source_bytes": weights_size(source), "total_s": time.time() - start}
 
 
@@ -174,7 +178,8 @@ def report(f: dict) -> None:
     print(f"size on disk (weights): {f['copy_bytes'] / 1e6:.1f} MB vs {f['source_bytes'] / 1e6:.1f} MB 16-bit "
           f"({100 * ratio:.0f}%)")
     print(f"load time on {f['device']}: {f['copy_load_s']:.2f}s pre-quantized vs {f['quantize_load_s']:.2f}s "
-          f"quantizing the 16-bit model at load; {f['layers']} bitsandbytes layers")
+          f"quantizing the 16-bit model at load; {f['layers']} bitsandbytes layers "
+          f"(lm_head {'quantized' if f['lm_head'] else '16-bit'})")
     if "agreement" in f:
         print(f"label agreement with the 16-bit model on {f['items']} items of {f['split']}: {f['agreement']:.3f} "
               f"(accuracy 16-bit {f['accuracy_16bit']:.3f}, {f['mode']} {f['accuracy_quantized']:.3f})")

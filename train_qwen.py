@@ -32,13 +32,12 @@ from common.batching import left_pad, position_ids
 from common.cli import run_stage
 from common.config import ConfigError
 from common.data import LABELS_FILE, data_hash, load_splits, read_labels
-from common.loading import load_tokenizer, pick_device, pick_dtype, quantization_config
+from common.loading import TRAIN_METHODS, load_tokenizer, pick_device, pick_dtype, quantization_config
 from common.memory import model_shape, training_fit
 from common.metrics import classification_metrics
 from common.prompts import IGNORE_INDEX, classification_ids, encode_records
 from common.scoring import score_label_ids
 
-METHOD_QUANT = {"lora": "none", "qlora": "4bit", "lora8": "8bit"}
 log = logging.getLogger("train_qwen")
 
 
@@ -112,7 +111,7 @@ def build_model(model_path: Path, tcfg, device: str):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    quant = METHOD_QUANT[tcfg.method]
+    quant = TRAIN_METHODS[tcfg.method]
     dtype = pick_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, quantization_config=quantization_config(quant, dtype),
@@ -134,13 +133,12 @@ def check_memory(model_path: Path, tcfg, encoded: list[dict], device: str) -> st
     shape = model_shape(model_path)
     seq = max(len(e["input_ids"]) for e in encoded)
     answer = max(sum(x != IGNORE_INDEX for x in e["labels"]) for e in encoded)
-    fit = training_fit(shape, METHOD_QUANT[tcfg.method], tcfg.lora_r, tcfg.target_modules, tcfg.modules_to_save,
-                       tcfg.batch_size, seq, answer, tcfg.gradient_checkpointing)
+    fit = training_fit(shape, TRAIN_METHODS[tcfg.method], tcfg, seq, answer)
     text = f"memory estimate for {tcfg.method}, batch {tcfg.batch_size} x {seq} tokens: {fit.describe()}"
     if device != "cuda":
         return text
     free = torch.cuda.mem_get_info()[0] / 1024**3
-    if fit.total_gib <= free:
+    if fit.total <= free:
         return f"{text} (free {free:.1f} GiB)"
     if tcfg.method == "lora":
         hint = "use --method qlora (4-bit base)"
@@ -173,7 +171,8 @@ def training_arguments(cfg, run_dir: Path, device: str, classification: bool):
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"), seed=t.seed, data_seed=t.seed,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate, optim=t.optimizer,
+        lr_scheduler_type=t.lr_scheduler,
         # transformers reads a warmup_steps value below 1 as a fraction of the total steps: the ratio
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, num_train_epochs=t.epochs, max_steps=t.max_steps,
         eval_strategy="steps", eval_steps=t.eval_steps, save_strategy="steps", save_steps=t.save_steps,
@@ -226,8 +225,8 @@ def check_settings(cfg) -> tuple[Path, Path]:
     """(base model dir, prepared data dir), after the checks that need no model loaded."""
     import importlib.util
     t = cfg.train
-    if t.method not in METHOD_QUANT:
-        raise ConfigError(f"train.method must be one of {', '.join(METHOD_QUANT)}, got '{t.method}'")
+    if t.method not in TRAIN_METHODS:
+        raise ConfigError(f"train.method must be one of {', '.join(TRAIN_METHODS)}, got '{t.method}'")
     for reporter in t.report_to:
         if importlib.util.find_spec(reporter) is None:
             raise ConfigError(f"train.report_to names {reporter}, which is not installed: pip install {reporter}")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from common.cli import run_stage
 from common.config import ROOT
-from common.memory import GIB, model_shape, serving_fit
+from common.loading import TRAIN_METHODS
+from common.memory import GIB, choose_placement, model_shape, serving_fit, training_fit
 from common.model_files import check_model_dir, serving_model
 
 
@@ -170,21 +171,32 @@ def check_port(host: str, port: int) -> Check:
     return Check("serving port", "PASS", f"{host}:{port} is free")
 
 
-def check_memory_fit(cfg, model_dir: Path, gpu_gib: float | None) -> Check:
-    model_cfg = model_shape(model_dir)
-    if model_cfg is None:
-        return Check("memory fit", "WARN", f"no config.json in {model_dir} and not a known Qwen3 size")
-    quant = "8bit" if cfg.serve.quantization == "auto" else cfg.serve.quantization
-    s = cfg.serve
-    fit = serving_fit(model_cfg, quant, s.max_concurrent, s.max_prompt_tokens + s.max_tokens)
-    card = cfg.verify.gpu_memory_gib or gpu_gib
-    text = f"{model_dir.name} {fit.describe(quant)}"
+def fit_check(name: str, text: str, total: float, card: float | None, fix: str) -> Check:
     if card is None:
-        return Check("memory fit", "WARN", text + " (no GPU to compare with)", "set verify.gpu_memory_gib to check a card")
-    # an estimate, not a measurement: a small overshoot warns, a clear one fails
-    status = "PASS" if fit.total_gib <= card else "WARN" if fit.total_gib <= 1.1 * card else "FAIL"
-    return Check("memory fit", status, f"{text} vs {card:.1f} GiB",
-                 "" if status == "PASS" else "lower serve.max_concurrent or the token caps, or serve 4bit")
+        return Check(name, "WARN", text + " (no GPU to compare with)", "set verify.gpu_memory_gib to check a card")
+    # counted from the module tree, but activations and the CUDA context are estimates: a small overshoot warns
+    status = "PASS" if total <= card else "WARN" if total <= 1.1 * card else "FAIL"
+    return Check(name, status, f"{text} vs {card:.1f} GiB ({card - total:+.2f} GiB to spare)",
+                 "" if status == "PASS" else fix)
+
+
+def check_memory_fit(cfg, model_dir: Path, gpu_gib: float | None) -> list[Check]:
+    """Serving (the limits, 8-bit on a GPU) and training (train.method, batch x data.max_tokens) fits."""
+    model_cfg, base_cfg = model_shape(model_dir), model_shape(cfg.resolve(cfg.model.path))
+    if model_cfg is None or base_cfg is None:
+        return [Check("memory fit", "WARN", f"no config.json in {model_dir} and not a known Qwen3 size")]
+    s, t, card = cfg.serve, cfg.train, cfg.verify.gpu_memory_gib or gpu_gib
+    placement = choose_placement(model_cfg, "8bit" if s.quantization == "auto" else s.quantization, s, card)
+    fit = serving_fit(model_cfg, placement, s)
+    layout = (f"{placement.quantization}, lm_head {'quantized' if placement.quantize_lm_head else '16-bit'}, "
+              f"embedding on {'cpu' if placement.embed_on_cpu else 'gpu'}")
+    serving = fit_check("serving fit", f"{model_dir.name} ({layout}): {fit.describe()}", fit.total, card,
+                        "lower serve.max_concurrent or the token caps, or serve 4bit")
+    train = training_fit(base_cfg, TRAIN_METHODS.get(t.method, "4bit"), t, cfg.data.max_tokens, 16)
+    training = fit_check("training fit", f"{t.method} batch {t.batch_size} x {cfg.data.max_tokens} tokens: "
+                         f"{train.describe()}", train.total, card,
+                         "lower train.batch_size (raise grad_accum), data.max_tokens, or use method qlora")
+    return [serving, training]
 
 
 def run(cfg, quick: bool = False, serving: bool = False) -> list[Check]:
@@ -196,7 +208,7 @@ def run(cfg, quick: bool = False, serving: bool = False) -> list[Check]:
     if not quick and model_dir.exists():
         checks.append(check_model_loads(model_dir))
     checks += check_data(cfg) + [check_front(cfg.serve.front), check_port(cfg.serve.host, cfg.serve.port),
-                                 check_memory_fit(cfg, model_dir, gpu_gib)]
+                                 *check_memory_fit(cfg, model_dir, gpu_gib)]
     return checks
 
 

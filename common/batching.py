@@ -24,3 +24,14 @@ def left_pad(seqs: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... over each row's real tokens (padding gets 0, which the mask hides anyway)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad_cache(cache, mask: torch.Tensor, width: int):
+    """Left-pad a DynamicCache and its attention mask along time to `width` positions."""
+    pad = width - mask.shape[1]
+    if pad == 0:
+        return mask
+    for layer in cache.layers:
+        zeros = layer.keys.new_zeros(*layer.keys.shape[:2], pad, layer.keys.shape[3])
+        layer.keys, layer.values = torch.cat([zeros, layer.keys], 2), torch.cat([zeros, layer.values], 2)
+    return torch.cat([mask.new_zeros(mask.shape[0], pad), mask], 1)

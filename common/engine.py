@@ -4,6 +4,10 @@ Concurrent requests share one forward pass per decode step (continuous batching)
 arrives mid-flight is prefilled and joins the running batch at the next step boundary (its KV cache
 left-padded to the batch's length), and a finished row leaves it. Admission is bounded: at most
 `max_concurrent` rows decode at once and `max_queue` wait; beyond that `submit` raises QueueFull.
+Memory is a budget: a request joins the batch only when the batch's KV cache at its worst (every row
+at its longest prompt + max_tokens, the cache padded to the longest) fits `kv_budget` tokens; a
+prefill pass takes at most `max_prefill_tokens` prompt tokens; label scoring runs in chunks that fit
+what the batch leaves free.
 A row's deadline is checked every step, so a timed-out generation really stops and frees its slot.
 Label scoring (common/scoring.py) runs on the same thread, between decode steps.
 
@@ -14,94 +18,32 @@ the loop goes on; between passes `admitted == waiting + running` is checked.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from common.batching import left_pad, position_ids
+from common.batching import left_pad, left_pad_cache, position_ids
+from common.generation import Draining, GenRequest, QueueFull, ScoreRequest
+from common.loading import model_device
+from common.sampling import penalize, sample
 from common.scoring import score_label_ids
 
+__all__ = ["Engine", "Draining", "GenRequest", "QueueFull", "ScoreRequest"]
+
 log = logging.getLogger("serve.engine")
-
-
-class QueueFull(Exception):
-    """Every slot and every queue place is taken."""
-
-
-class Draining(Exception):
-    """The server is shutting down and admits nothing new."""
-
-
-@dataclass
-class GenRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    deadline: float                      # time.monotonic() after which the generation stops
-    temperature: float = 0.0             # 0 = greedy
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    seed: int | None = None
-    events: queue.Queue | None = None    # ("delta", text) ... ("done", None), for streaming
-    out_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0                     # characters of `text` already streamed
-    finish_reason: str | None = None     # stop | length | timeout | cancelled | queue_timeout | error |
-    #                                      draining (never started) | shutdown (cut at the end of a drain)
-    cancelled: bool = False
-    enqueued: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    generator: torch.Generator | None = None  # seeded sampling, set at prefill
-
-
-@dataclass
-class ScoreRequest:
-    prompt_ids: list[list[int]]
-    labels: list[str]
-    deadline: float
-    logprobs: torch.Tensor | None = None
-    finish_reason: str | None = None
-    enqueued: float = field(default_factory=time.monotonic)
-    done: threading.Event = field(default_factory=threading.Event)
-    cancelled: bool = False
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-    """One token from a row of logits: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p   # the smallest set whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _left_pad_cache(cache, mask: torch.Tensor, width: int):
-    """Left-pad a DynamicCache and its attention mask along time to `width` positions."""
-    pad = width - mask.shape[1]
-    if pad == 0:
-        return mask
-    for layer in cache.layers:
-        zeros = layer.keys.new_zeros(*layer.keys.shape[:2], pad, layer.keys.shape[3])
-        layer.keys, layer.values = torch.cat([zeros, layer.keys], 2), torch.cat([zeros, layer.values], 2)
-    return torch.cat([mask.new_zeros(mask.shape[0], pad), mask], 1)
 
 
 class Engine:
     def __init__(self, model, tokenizer, max_concurrent: int, max_queue: int, max_queue_wait_s: float,
                  batch_wait_ms: float, eos_ids: list[int] | None = None, unhealthy_after: int = 3,
-                 unhealthy_window_s: float = 60.0):
+                 unhealthy_window_s: float = 60.0, kv_budget: int = 10**9, max_prefill_tokens: int = 10**9):
         self.model, self.tok = model, tokenizer
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.max_queue_wait_s, self.batch_wait_s = max_queue_wait_s, batch_wait_ms / 1000
         self.eos_ids = set(eos_ids or [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id])
-        self.device = model.get_input_embeddings().weight.device
+        self.device = model_device(model)
+        self.kv_budget, self.max_prefill_tokens = kv_budget, max_prefill_tokens
         self.pending: list[GenRequest | ScoreRequest] = []
         self.rows: list[GenRequest] = []          # the running batch, in cache order
         self.cache = self.mask = self.pos = self.last = None
@@ -110,6 +52,7 @@ class Engine:
         self.decode_steps = 0
         # admitted counts every request from submit to finish: waiting, prefilling or decoding
         self.admitted = self.peak_admitted = 0
+        self.peak_kv_reserved = self.peak_rows = 0  # the most the batch ever held: KV tokens reserved, rows
         self.phase = "idle"  # the pass running now: prefill | join | decode | score (logs; fault-injection tests)
         self.failures = self.consecutive_failures = self.accounting_errors = 0
         self.last_failure, self.last_failure_at = None, 0.0
@@ -235,12 +178,39 @@ class Engine:
                       or now > r.deadline]:
                 self.pending.remove(r)
                 self._finish(r, "cancelled" if r.cancelled else "queue_timeout")
-            scores = [r for r in self.pending if isinstance(r, ScoreRequest)]
-            free = self.max_concurrent - len(self.rows)
-            joining = [r for r in self.pending if isinstance(r, GenRequest)][:max(free, 0)]
+            scores, joining = self._admit()
             for r in scores + joining:
                 self.pending.remove(r)
             return scores, joining
+
+    def kv_in_use(self) -> int:
+        """KV tokens the running batch has reserved now."""
+        with self.wake:
+            return self.kv_reserved(self.rows)
+
+    def kv_reserved(self, rows: list[GenRequest]) -> int:
+        """KV tokens a batch of `rows` can reach: the cache is padded to its longest row."""
+        return len(rows) * max((r.worst_tokens for r in rows), default=0)
+
+    def _admit(self) -> tuple[list[ScoreRequest], list[GenRequest]]:
+        """In arrival order, what fits now: a slot, the KV budget, the prefill pass's token cap. The
+        first request that does not fit stops the rest, so a long one is never starved by short ones."""
+        scores, joining, prefill = [], [], 0
+        for r in self.pending:
+            if isinstance(r, ScoreRequest):
+                free = self.kv_budget - self.kv_reserved(self.rows + joining)
+                r.chunk = min(len(r.prompt_ids), free // r.tokens_per_prompt)
+                if r.chunk < 1:
+                    break
+                scores.append(r)
+                continue
+            batch = self.rows + joining + [r]
+            if (len(batch) > self.max_concurrent or self.kv_reserved(batch) > self.kv_budget
+                    or (joining and prefill + len(r.prompt_ids) > self.max_prefill_tokens)):
+                break
+            joining.append(r)
+            prefill += len(r.prompt_ids)
+        return scores, joining
 
     def _finish(self, r, reason: str) -> None:
         with self.wake:
@@ -260,7 +230,7 @@ class Engine:
             return self._finish(s, "cancelled")
         if time.monotonic() > s.deadline:
             return self._finish(s, "timeout")
-        s.logprobs = score_label_ids(self.model, self.tok, s.prompt_ids, s.labels, len(s.prompt_ids)).logprobs
+        s.logprobs = score_label_ids(self.model, self.tok, s.prompt_ids, s.labels, s.chunk).logprobs
         self._finish(s, "stop")
 
     def _prefill(self, new: list[GenRequest], retry: bool = True) -> None:
@@ -289,7 +259,7 @@ class Engine:
     def _prefill_forward(self, new: list[GenRequest]):
         """Run the new prompts as one left-padded batch: (model output, attention mask, positions)."""
         for r in new:
-            r.generator = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+            r.generator = torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else None
         ids, mask = (t.to(self.device) for t in left_pad([r.prompt_ids for r in new], self.tok.pad_token_id))
         pos = position_ids(mask)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -300,13 +270,15 @@ class Engine:
         cache, last_pos = out.past_key_values, pos[:, -1] + 1
         if self.rows:
             t = max(self.mask.shape[1], mask.shape[1])
-            self.mask, mask = _left_pad_cache(self.cache, self.mask, t), _left_pad_cache(cache, mask, t)
+            self.mask, mask = left_pad_cache(self.cache, self.mask, t), left_pad_cache(cache, mask, t)
             for mine, theirs in zip(self.cache.layers, cache.layers):
                 mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
             self.mask, self.pos = torch.cat([self.mask, mask]), torch.cat([self.pos, last_pos])
         else:
             self.cache, self.mask, self.pos = cache, mask, last_pos
         self.rows += new
+        self.peak_rows = max(self.peak_rows, len(self.rows))
+        self.peak_kv_reserved = max(self.peak_kv_reserved, self.kv_reserved(self.rows))
         self._advance(new, out.logits[:, -1], first=len(self.rows) - len(new))
 
     @torch.no_grad()
@@ -321,8 +293,9 @@ class Engine:
 
     def _advance(self, rows: list[GenRequest], logits: torch.Tensor, first: int) -> None:
         """Sample a token for each of `rows` (batch positions first..), emit text, retire finished rows."""
-        greedy = logits.argmax(-1).tolist()  # one op for the whole batch; sampled rows redo theirs
-        tokens = [greedy[i] if r.temperature <= 0 else sample(logits[i], r.temperature, r.top_p, r.generator)
+        greedy = logits.argmax(-1).tolist()  # one op for the whole batch; the other rows redo theirs
+        tokens = [greedy[i] if r.sampling.temperature <= 0 and not r.sampling.penalized else
+                  sample(penalize(logits[i], r.sampling, r.prompt_ids, r.out_ids), r.sampling, r.generator)
                   for i, r in enumerate(rows)]
         new_last = torch.tensor(tokens, device=self.device)[:, None]
         self.last = new_last if first == 0 else torch.cat([self.last[:first], new_last])

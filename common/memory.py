@@ -1,21 +1,25 @@
-"""Memory-fit estimates from a model's config.json alone, before anything is loaded.
+"""Memory fit from the module tree the loader builds, counted byte by byte, before anything loads.
 
-Weights: bitsandbytes quantizes the decoder's linear layers only; the embedding and the output
-head stay 16-bit. KV cache per token = 2 (K and V) x layers x kv_heads x head_dim x 2 bytes.
+The model is built from its config.json on the meta device (no weights, no memory), the loader's own
+bitsandbytes replacement applied (8-bit / NF4 projections, lm_head in or out), and every tensor is
+counted with the bytes it will have and the device it will sit on. KV cache per token =
+2 (K and V) x layers x kv_heads x head_dim x 2 bytes. verify_setup prints these figures and the
+server's memory budget starts from them.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 1024**3  # cards are sized in GiB: an RTX 3080 "10 GB" is 10 GiB
-BYTES_PER_WEIGHT = {"none": 2.0, "8bit": 1.0, "4bit": 0.5 + 0.5 / 64}  # NF4 + double-quant constants
 CUDA_CONTEXT_GIB = 0.5  # CUDA context, cuBLAS workspace and allocator slack, seen on consumer cards
-
+NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes NF4: absmax per 64 weights, double-quantized per 256 blocks
 
 # Published Qwen3 shapes (their config.json), so a fit can be checked before a download.
-_QWEN3 = dict(vocab_size=151936, head_dim=128, num_key_value_heads=8)
+_QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, num_key_value_heads=8,
+              max_position_embeddings=40960, rope_theta=1000000.0)
 QWEN3_SHAPES = {
     "Qwen3-0.6B": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, tie_word_embeddings=True),
@@ -40,106 +44,209 @@ def model_shape(model_dir: str | Path) -> dict | None:
         return QWEN3_SHAPES.get(Path(model_dir).name.removesuffix("-Base"))
 
 
-@dataclass
-class ParamCount:
-    linear: int  # the decoder's projections: what bitsandbytes quantizes
-    other: int   # embeddings, output head, norms: kept 16-bit
-
-    @property
-    def total(self) -> int:
-        return self.linear + self.other
+@dataclass(frozen=True)
+class Placement:
+    """How the loader lays a model out: what common/loading.py's load_model is asked for."""
+    quantization: str = "none"      # none | 8bit | 4bit
+    quantize_lm_head: bool = False  # the output head in the projections' precision too
+    embed_on_cpu: bool = False      # the input embedding (a lookup) in CPU memory
 
 
-def count_params(cfg: dict) -> ParamCount:
-    """Parameter count of a Qwen2/Qwen3-style decoder from its config.json."""
-    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or h // heads
-    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o and k, v
-    mlp = 3 * h * cfg["intermediate_size"]                   # gate, up, down
-    embed = cfg["vocab_size"] * h
-    head = 0 if cfg.get("tie_word_embeddings", False) else embed
-    norms = layers * (2 * h + 2 * head_dim) + h              # layer norms, q/k norms, final norm
-    return ParamCount(linear=layers * (attn + mlp), other=embed + head + norms)
+# ----------------------------------------------------------------------------- the module tree
+def meta_model(cfg: dict, placement: Placement, dtype_bytes: int = 2):
+    """The model the loader would build, on the meta device, with its bitsandbytes layers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from common.loading import quantization_config, skipped_modules
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("quantization_config",)})
+    dtype = torch.float16 if dtype_bytes == 2 else torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quant = quantization_config(placement.quantization, dtype, placement.quantize_lm_head)
+    if quant is not None:
+        from transformers.integrations import replace_with_bnb_linear
+        model = replace_with_bnb_linear(model, modules_to_not_convert=skipped_modules(model, quant),
+                                        quantization_config=quant)
+    return model
 
 
-def weights_gib(cfg: dict, quantization: str) -> float:
-    p = count_params(cfg)
-    return (p.linear * BYTES_PER_WEIGHT[quantization] + p.other * 2.0) / GIB
+def _quantized_bytes(module) -> int | None:
+    """Bytes of a bitsandbytes layer's weight once quantized (None for any other module)."""
+    kind = type(module).__name__
+    if kind not in ("Linear8bitLt", "Linear4bit"):
+        return None
+    n = module.in_features * module.out_features
+    if kind == "Linear8bitLt":
+        return n + 4 * module.out_features                       # int8 weight + fp32 row scales (SCB)
+    blocks = math.ceil(n / NF4_BLOCK)
+    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NF4_BLOCK2) + 4 * (256 + 16 + 1)
 
 
-def kv_cache_gib(cfg: dict, tokens: int) -> float:
+def weight_bytes(model, dtype_bytes: int, embed_on_cpu: bool = False) -> dict[str, int]:
+    """{"gpu": bytes, "cpu": bytes} of a (meta) model's weights and buffers as the loader places them."""
+    embedding = model.get_input_embeddings()
+    out = {"gpu": 0, "cpu": 0}
+    for module in model.modules():
+        where = "cpu" if embed_on_cpu and module is embedding else "gpu"
+        quantized = _quantized_bytes(module)
+        if quantized is not None:
+            out[where] += quantized + (module.bias.numel() * dtype_bytes if module.bias is not None else 0)
+            continue
+        for p in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            out[where] += p.numel() * (dtype_bytes if p.is_floating_point() else p.element_size())
+    return out
+
+
+def loaded_bytes(model) -> dict[str, int]:
+    """{device type: bytes} of a loaded model: every parameter, buffer and bitsandbytes quantization state."""
+    out: dict[str, int] = {}
+
+    def add(t) -> None:
+        out[t.device.type] = out.get(t.device.type, 0) + t.numel() * t.element_size()
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t)
+        if getattr(t, "SCB", None) is not None:
+            add(t.SCB)
+        state = getattr(t, "quant_state", None)
+        for part in ([state, state.state2] if state is not None and state.nested else [state]) if state else []:
+            add(part.absmax)
+            add(part.code)
+            if getattr(part, "offset", None) is not None:
+                add(part.offset)
+    return out
+
+
+# ----------------------------------------------------------------------------- serving
+def kv_bytes_per_token(cfg: dict) -> int:
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    kv = cfg.get("num_key_value_heads", heads)
-    return 2 * cfg["num_hidden_layers"] * kv * head_dim * 2 * tokens / GIB
+    return 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * 2
+
+
+def prefill_activation_bytes(cfg: dict, tokens: int) -> int:
+    """Peak of one prefill pass of `tokens` tokens (16-bit): a layer's hidden states, attention and MLP
+    outputs, plus the int32 accumulator of an 8-bit matmul over the widest projection."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    return tokens * ((8 * h + 4 * inter) * 2 + 4 * inter)
 
 
 @dataclass
 class ServingFit:
-    weights_gib: float
-    kv_gib: float
-    overhead_gib: float
-    concurrent: int
-    tokens_each: int
+    weights_gpu: float       # GiB
+    weights_cpu: float
+    kv: float
+    activations: float
+    overhead: float
+    kv_tokens: int
 
     @property
-    def total_gib(self) -> float:
-        return self.weights_gib + self.kv_gib + self.overhead_gib
+    def total(self) -> float:
+        return self.weights_gpu + self.kv + self.activations + self.overhead
 
-    def describe(self, quantization: str) -> str:
-        return (f"{quantization} weights {self.weights_gib:.1f} GiB + KV cache for {self.concurrent} concurrent x "
-                f"{self.tokens_each / 1000:.1f}k tokens {self.kv_gib:.1f} GiB + {self.overhead_gib:.1f} GiB overhead "
-                f"= {self.total_gib:.1f} GiB")
-
-
-def serving_fit(cfg: dict, quantization: str, concurrent: int, tokens_each: int) -> ServingFit:
-    return ServingFit(weights_gib(cfg, quantization), kv_cache_gib(cfg, concurrent * tokens_each),
-                      CUDA_CONTEXT_GIB, concurrent, tokens_each)
+    def describe(self) -> str:
+        cpu = f" (+ {self.weights_cpu:.2f} GiB in CPU memory)" if self.weights_cpu >= 0.01 else ""
+        return (f"weights {self.weights_gpu:.2f} GiB{cpu} + KV cache {self.kv_tokens:,} tokens {self.kv:.2f} GiB + "
+                f"prefill {self.activations:.2f} GiB + CUDA context {self.overhead:.2f} GiB = {self.total:.2f} GiB")
 
 
-def _projection_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each decoder projection, by module name."""
+def worst_case_kv_tokens(serve) -> int:
+    """What the serving limits can hold at once: every slot at its longest prompt and answer."""
+    return serve.max_concurrent * (serve.max_prompt_tokens + serve.max_tokens)
+
+
+def card_gib() -> float | None:
+    """The GPU's memory in GiB, or None without one."""
+    import torch
+    return torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
+
+
+def kv_budget(cfg: dict, serve, device: str) -> tuple[int, str]:
+    """(KV-cache tokens the engine may reserve, where the number comes from). On a GPU: what is free once
+    the model is loaded, less the prefill's activations and a margin; on a CPU: what the limits need."""
+    if serve.kv_budget_tokens:
+        return serve.kv_budget_tokens, "serve.kv_budget_tokens"
+    if device == "cuda":
+        import torch
+        free = torch.cuda.mem_get_info()[0]
+        reserve = prefill_activation_bytes(cfg, serve.max_prefill_tokens) + GIB // 4
+        tokens = max(int((free - reserve) // kv_bytes_per_token(cfg)), 0)
+        return tokens, f"{free / GIB:.2f} GiB free after loading, less {reserve / GIB:.2f} GiB for prefill"
+    return worst_case_kv_tokens(serve), "what the limits need (no GPU)"
+
+
+def serving_fit(cfg: dict, placement: Placement, serve) -> ServingFit:
+    weights = weight_bytes(meta_model(cfg, placement), 2, placement.embed_on_cpu)
+    tokens = worst_case_kv_tokens(serve)
+    return ServingFit(weights["gpu"] / GIB, weights["cpu"] / GIB, tokens * kv_bytes_per_token(cfg) / GIB,
+                      prefill_activation_bytes(cfg, serve.max_prefill_tokens) / GIB, CUDA_CONTEXT_GIB, tokens)
+
+
+def choose_placement(cfg: dict, quantization: str, serve, card_gib: float | None) -> Placement:
+    """serve.lm_head / serve.embedding: 'auto' keeps both as bitsandbytes leaves them while the limits
+    fit the card, and turns both on (an untied head only) when they would not."""
+    tied = cfg.get("tie_word_embeddings", False)
+    head, embed = serve.lm_head, serve.embedding_device
+    if quantization != "none" and not tied and card_gib is not None and "auto" in (head, embed):
+        plain = Placement(quantization, head == "quantized", embed == "cpu")
+        needed = serving_fit(cfg, plain, serve).total > card_gib
+        head = ("quantized" if needed else "16bit") if head == "auto" else head
+        embed = ("cpu" if needed else "gpu") if embed == "auto" else embed
+    return Placement(quantization, head == "quantized" and not tied and quantization != "none",
+                     embed == "cpu" and not tied)
+
+
+def placement_for(model_dir: Path, quantization: str, serve, adapter: Path | None = None) -> Placement:
+    """The placement serving (and evaluation, which mirrors it) loads `model_dir` with on this machine."""
+    from common.loading import pick_device, resolve_quantization
+    shape = model_shape(model_dir) or {}
+    placement = choose_placement(shape, resolve_quantization(quantization, pick_device()), serve, card_gib()) \
+        if shape else Placement(resolve_quantization(quantization, pick_device()))
+    saved = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("modules_to_save") if adapter else None
+    saves_head = "lm_head" in (saved or [])  # an adapter's own trained head replaces the base's, in full precision
+    return Placement(placement.quantization, placement.quantize_lm_head and not saves_head, placement.embed_on_cpu)
+
+
+# ----------------------------------------------------------------------------- training
+def trainable_params(cfg: dict, r: int, targets: list[str], modules_to_save: list[str]) -> int:
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     hd = cfg.get("head_dim") or h // heads
-    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-
-
-def trainable_params(cfg: dict, r: int, targets: list[str], modules_to_save: list[str]) -> int:
-    shapes = _projection_shapes(cfg)
+    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     lora = cfg["num_hidden_layers"] * sum(r * (i + o) for name, (i, o) in shapes.items() if name in targets)
-    full = sum(cfg["vocab_size"] * cfg["hidden_size"] for m in modules_to_save if m in ("lm_head", "embed_tokens"))
+    full = sum(cfg["vocab_size"] * h for m in modules_to_save if m in ("lm_head", "embed_tokens"))
     return lora + full
 
 
 @dataclass
 class TrainingFit:
-    weights_gib: float
-    trainable_gib: float     # fp32 weights + grads + Adam moments of what is trained
-    activations_gib: float
-    logits_gib: float
-    overhead_gib: float = CUDA_CONTEXT_GIB
+    weights: float           # GiB
+    trainable: float         # fp32 weights + grads + optimizer state of what is trained
+    activations: float
+    logits: float
+    overhead: float = CUDA_CONTEXT_GIB
 
     @property
-    def total_gib(self) -> float:
-        return self.weights_gib + self.trainable_gib + self.activations_gib + self.logits_gib + self.overhead_gib
+    def total(self) -> float:
+        return self.weights + self.trainable + self.activations + self.logits + self.overhead
 
     def describe(self) -> str:
-        return (f"weights {self.weights_gib:.1f} + trainable {self.trainable_gib:.1f} + activations "
-                f"{self.activations_gib:.1f} + logits {self.logits_gib:.1f} + overhead {self.overhead_gib:.1f} "
-                f"= {self.total_gib:.1f} GiB")
+        return (f"weights {self.weights:.2f} + trainable {self.trainable:.2f} + activations {self.activations:.2f} + "
+                f"logits {self.logits:.2f} + CUDA context {self.overhead:.2f} = {self.total:.2f} GiB")
 
 
-def training_fit(cfg: dict, quantization: str, r: int, targets: list[str], modules_to_save: list[str],
-                 batch: int, seq_len: int, answer_len: int, checkpointing: bool) -> TrainingFit:
-    """Peak memory of one LoRA training step, from shapes and the longest batch of the data."""
+def training_fit(cfg: dict, quantization: str, tcfg, seq_len: int, answer_len: int) -> TrainingFit:
+    """Peak of one LoRA training step: the base as train_qwen.py loads it, the adapters with their
+    optimizer state, and the activations of a batch of `seq_len` tokens."""
     h, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
-    tokens = batch * seq_len
+    weights = weight_bytes(meta_model(cfg, Placement(quantization)), 2)["gpu"]
+    optimizer = 2 if "8bit" in tcfg.optimizer else 8  # Adam's two moments: fp32, or 8-bit blocks
+    trainable = trainable_params(cfg, tcfg.lora_r, tcfg.target_modules, tcfg.modules_to_save) * (8 + optimizer)
+    tokens = tcfg.batch_size * seq_len
     per_layer = tokens * (10 * h + 3 * inter) * 2  # 16-bit tensors autograd keeps for one layer's backward
-    activations = (layers * tokens * h * 2 + per_layer) if checkpointing else layers * per_layer
+    activations = (layers * tokens * h * 2 + per_layer) if tcfg.gradient_checkpointing else layers * per_layer
     # only the answer positions go through the output head (logits_to_keep), in fp32 with its softmax
-    logits = batch * (answer_len + 1) * cfg["vocab_size"] * 4 * 2
-    return TrainingFit(weights_gib(cfg, quantization), trainable_params(cfg, r, targets, modules_to_save) * 16 / GIB,
-                       activations / GIB, logits / GIB)
+    logits = tcfg.batch_size * (answer_len + 1) * cfg["vocab_size"] * 4 * 2
+    return TrainingFit(weights / GIB, trainable / GIB, activations / GIB, logits / GIB)

@@ -14,8 +14,8 @@ from collections import Counter, deque
 class Stats:
     """What /stats and /metrics report: outcomes, rejections, latency, tokens, memory."""
 
-    def __init__(self, load):
-        """`load()` gives (in flight, waiting) now: the engine's, for the gauges."""
+    def __init__(self, load, kv):
+        """`load()` gives (in flight, waiting) now, `kv()` (KV tokens reserved, budget): for the gauges."""
         from prometheus_client import CollectorRegistry, Gauge, Histogram
         from prometheus_client import Counter as PCounter
         self.started = time.time()
@@ -32,7 +32,11 @@ class Stats:
         self.p_tokens = PCounter("qwen_tokens", "tokens processed", ["kind"], registry=self.registry)
         Gauge("qwen_in_flight", "generations running", registry=self.registry).set_function(lambda: load()[0])
         Gauge("qwen_queue", "requests waiting for a slot", registry=self.registry).set_function(lambda: load()[1])
-        self.load = load
+        Gauge("qwen_kv_tokens_reserved", "KV-cache tokens the running batch may reach",
+              registry=self.registry).set_function(lambda: kv()[0])
+        Gauge("qwen_kv_budget_tokens", "KV-cache tokens the engine may reserve",
+              registry=self.registry).set_function(lambda: kv()[1])
+        self.load, self.kv = load, kv
 
     def record(self, endpoint: str, outcome: str, seconds: float, tokens_in: int = 0, tokens_out: int = 0) -> None:
         with self.lock:
@@ -73,7 +77,10 @@ def engine_report(engine) -> dict:
         return {}
     with engine.wake:
         admitted, waiting, running = engine.admitted, len(engine.pending), len(engine.rows)
-    return {"admitted": admitted, "waiting": waiting, "running": running, "failed_passes": engine.failures,
+    return {"admitted": admitted, "waiting": waiting, "running": running, "kv_budget_tokens": engine.kv_budget,
+            "kv_tokens_reserved": engine.kv_in_use(), "peak_kv_tokens_reserved": engine.peak_kv_reserved,
+            "peak_running": engine.peak_rows, "max_prefill_tokens": engine.max_prefill_tokens,
+            "failed_passes": engine.failures,
             "consecutive_failures": engine.consecutive_failures, "last_failure": engine.last_failure,
             "accounting_errors": engine.accounting_errors, "health": engine.health() or "ok"}
 

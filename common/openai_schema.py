@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
 HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
-ZERO_OK = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0, "n": 1}
+ZERO_OK = {"logprobs": False, "top_logprobs": 0, "n": 1}
+# sampling fields: (low, high, integer); a request that names none of them gets the server's defaults
+SAMPLING = {"temperature": (0, 2, False), "top_p": (1e-6, 1, False), "top_k": (-1, 100_000, True),
+            "min_p": (0, 1, False), "presence_penalty": (-2, 2, False), "frequency_penalty": (-2, 2, False),
+            "repetition_penalty": (1e-6, 2, False)}
 
 
 class ApiError(Exception):
@@ -38,8 +42,7 @@ class Params:
     messages: list[dict] | None = None    # chat
     prompt: str | None = None             # completions
     max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
+    sampling: dict = field(default_factory=dict)  # the sampling fields the request named (SAMPLING)
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -149,11 +152,12 @@ def _common(body: dict, limits) -> dict:
             raise bad(flag, f"'{flag}' must be true or false")
     return dict(model=_model(body), max_tokens=max_tokens, stop=stop, stream=body.get("stream", False),
                 include_usage=bool(opts.get("include_usage")), ignore_eos=body.get("ignore_eos", False),
-                temperature=_number(body, "temperature", 0, 2, 1.0), top_p=_number(body, "top_p", 1e-6, 1, 1.0),
+                sampling={k: _number(body, k, lo, hi, None, integer=i) for k, (lo, hi, i) in SAMPLING.items()
+                          if body.get(k) is not None},
                 seed=_number(body, "seed", -2**63, 2**63 - 1, None, integer=True))
 
 
-COMMON_KEYS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
+COMMON_KEYS = {"model", "max_tokens", "max_completion_tokens", *SAMPLING, "stop", "stream",
                "stream_options", "seed", "ignore_eos"}
 
 

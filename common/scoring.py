@@ -1,9 +1,12 @@
-"""Classification by label scoring: log P(label + <|im_end|> | prompt) for every label, one pass each.
+"""Classification by label scoring: the probability that the model answers each label, in one pass.
 
-The prompt runs once; its KV cache is repeated for the K labels, and all K continuations run as one
-batch on top of it. So the answer is always a valid label with a probability, at the cost of one
-forward pass over the prompt plus K short ones, instead of generating text and hoping it parses.
-tests/test_scoring.py proves this gives the same numbers as scoring K full sequences.
+A label's score is log P of its answer tokens (label + <|im_end|>) up to the first token that tells
+it apart from every other label: the probability that generation commits to that label. When every
+label starts with its own token, that is the first token alone, read from the prompt pass's last
+position: one forward pass per prompt, nothing else. Labels that share leading tokens ("公司",
+"公司债券") need the continuation: the prompt's KV cache is repeated for those labels only and their
+tokens up to the distinguishing one run as one batch on top of it. The answer is always a valid
+label with a probability. tests/test_scoring.py checks both paths against full forward passes.
 """
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from common.batching import left_pad, position_ids
+from common.loading import model_device
 from common.prompts import answers_ids
 
 
 @dataclass
 class LabelScores:
-    logprobs: torch.Tensor  # [N, K] total log-probability of each label's tokens + <|im_end|>
+    logprobs: torch.Tensor  # [N, K] log-probability of each label's tokens up to its distinguishing one
 
     @property
     def probs(self) -> torch.Tensor:
@@ -30,53 +34,67 @@ class LabelScores:
         return idx.tolist(), conf.tolist()
 
 
-def label_tokens(tokenizer, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[K, L] right-padded answer ids (label + <|im_end|>) and their mask."""
-    seqs = answers_ids(tokenizer, labels)
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    return ids, mask
+def distinguishing_tokens(seqs: list[list[int]]) -> list[list[int]]:
+    """Each sequence cut after the first token no other sequence shares at that point."""
+    def common(a: list[int], b: list[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+    return [s[:min(len(s), 1 + max((common(s, o) for j, o in enumerate(seqs) if j != i), default=0))]
+            for i, s in enumerate(seqs)]
+
+
+def label_tokens(tokenizer, labels: list[str]) -> list[list[int]]:
+    """The tokens a label is scored on: its answer (label + <|im_end|>) up to its distinguishing token."""
+    return distinguishing_tokens(answers_ids(tokenizer, labels))
 
 
 @torch.no_grad()
-def _score_batch(model, prompt_ids: list[list[int]], cand: torch.Tensor, cand_mask: torch.Tensor,
-                 pad_id: int) -> torch.Tensor:
-    device = model.get_input_embeddings().weight.device
+def _score_batch(model, prompt_ids: list[list[int]], cand: list[list[int]], pad_id: int) -> torch.Tensor:
+    device = model_device(model)
     ids, mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
-    n, k, length = ids.shape[0], cand.shape[0], cand.shape[1]
     pos = position_ids(mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)            # [N, V]: the label's first token
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(k)                                        # [N*K, ...]
-    cand, cand_mask = cand.to(device), cand_mask.to(device)
-    c_ids, c_valid = cand.repeat(n, 1), cand_mask.repeat(n, 1)              # [N*K, L]
-    c_mask = torch.cat([mask.repeat_interleave(k, 0), c_valid], dim=1)
-    c_pos = pos[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(length, device=device)
-    # The body runs on every continuation token, the 151,936-wide output head only where a position
-    # predicts a real next token: with one-token labels that is one position per label, not L.
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)                   # [N, V]
+    total = first[:, [c[0] for c in cand]]                                          # [N, K]: the first tokens
+    longer = [k for k, c in enumerate(cand) if len(c) > 1]
+    if longer:  # labels that share leading tokens: their continuations, on the prompt's cache
+        total[:, longer] += _continuations(model, out.past_key_values, mask, pos, [cand[k] for k in longer], pad_id)
+    return total.cpu()
+
+
+def _continuations(model, cache, mask, pos, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """[N, K'] log P(tokens 2.. of each sequence) given the prompt and the tokens before them."""
+    device, n, k = mask.device, mask.shape[0], len(seqs)
+    width = max(map(len, seqs)) - 1                                                  # inputs: all but the last
+    c_ids = torch.full((k, width + 1), pad_id, dtype=torch.long, device=device)
+    c_valid = torch.zeros_like(c_ids)
+    for j, s in enumerate(seqs):
+        c_ids[j, :len(s)], c_valid[j, :len(s)] = torch.tensor(s, device=device), 1
+    cache.batch_repeat_interleave(k)                                                 # [N*K', ...]
+    inputs, targets = c_ids[:, :-1].repeat(n, 1), c_ids[:, 1:].repeat(n, 1)         # [N*K', width]
+    need = c_valid[:, 1:].repeat(n, 1).bool()                                        # position j predicts j+1
+    c_mask = torch.cat([mask.repeat_interleave(k, 0), c_valid[:, :-1].repeat(n, 1)], dim=1)
+    c_pos = pos[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(width, device=device)
+    # the body runs on every continuation token, the 151,936-wide output head only where it predicts one
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal.model(input_ids=c_ids, attention_mask=c_mask, position_ids=c_pos,
-                          past_key_values=cache).last_hidden_state          # [N*K, L, d]
-    need = c_valid[:, 1:].bool()                                            # position j predicts token j+1
+    hidden = causal.model(input_ids=inputs, attention_mask=c_mask, position_ids=c_pos,
+                          past_key_values=cache).last_hidden_state                   # [N*K', width, d]
     head = causal.get_output_embeddings()
-    rest = torch.log_softmax(head(hidden[:, :-1][need]).float(), dim=-1).gather(1, c_ids[:, 1:][need][:, None])
-    total = first.repeat_interleave(k, 0).gather(1, c_ids[:, :1]).squeeze(1)  # the first token, from the prompt
-    total = total.index_add(0, need.nonzero()[:, 0], rest.squeeze(1))
-    return total.view(n, k).cpu()
+    logp = torch.log_softmax(head(hidden[need]).float(), dim=-1).gather(1, targets[need][:, None]).squeeze(1)
+    rows = torch.zeros(n * k, device=device).index_add(0, need.nonzero()[:, 0], logp)
+    return rows.view(n, k)
 
 
 def score_label_ids(model, tokenizer, prompt_ids: list[list[int]], labels: list[str], batch_size: int = 8,
                     progress=None) -> LabelScores:
-    """Log-probability of each label after each tokenized prompt, `batch_size` prompts at a time."""
-    cand, cand_mask = label_tokens(tokenizer, labels)
+    """Log-probability of each label after each tokenized prompt, `batch_size` prompts a pass."""
+    cand = label_tokens(tokenizer, labels)
     out = []
     for start in range(0, len(prompt_ids), batch_size):
         batch = prompt_ids[start:start + batch_size]
-        out.append(_score_batch(model, batch, cand, cand_mask, tokenizer.pad_token_id))
+        out.append(_score_batch(model, batch, cand, tokenizer.pad_token_id))
         if progress is not None:
             progress.update(len(batch))
     return LabelScores(torch.cat(out) if out else torch.empty(0, len(labels)))

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.data import read_labels
+from common.memory import kv_budget, model_shape, placement_for
 from common.model_files import serving_model
 from common.monitoring import Stats
 from common.openai_schema import ApiError, Params, usage
+from common.sampling import Sampling, server_defaults
 
 log = logging.getLogger("serve")
 
@@ -58,24 +60,42 @@ class ServerState:
         self.error: str | None = None
         self.draining = False
         self.keys = api_keys(cfg.serve)
-        self.stats = Stats(lambda: self.engine.load() if self.engine else (0, 0))
+        self.device, self.placement, self.sampling, self.kv_budget = None, None, {}, 0  # set once loaded
+        self.stats = Stats(lambda: self.engine.load() if self.engine else (0, 0),
+                           lambda: (self.engine.kv_in_use(), self.engine.kv_budget) if self.engine else (0, 0))
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
     def _load(self) -> None:
         from common.engine import Engine
-        from common.loading import load_model, load_tokenizer
+        from common.loading import load_tokenizer
         try:
             started, s = time.time(), self.cfg.serve
             self.tokenizer = load_tokenizer(self.adapter or self.model_dir)
-            model = load_model(self.model_dir, s.quantization, adapter=self.adapter).eval()
+            model, shape = self._load_model()
             self.labels = read_labels(*filter(None, (self.adapter, self.model_dir))) or []
+            self.sampling = server_defaults(s, self.model_dir)
+            self.kv_budget, source = kv_budget(shape, s, self.device)
             self.engine = Engine(model, self.tokenizer, s.max_concurrent, s.max_queue, s.max_queue_wait_s,
                                  s.batch_wait_ms, unhealthy_after=s.unhealthy_after_failures,
-                                 unhealthy_window_s=s.unhealthy_window_s)
-            log.info("serving %s (%d labels), loaded in %.1fs", self.name, len(self.labels), time.time() - started)
+                                 unhealthy_window_s=s.unhealthy_window_s, kv_budget=self.kv_budget,
+                                 max_prefill_tokens=s.max_prefill_tokens)
+            log.info("serving %s (%d labels), loaded in %.1fs; KV budget %d tokens (%s); sampling defaults %s",
+                     self.name, len(self.labels), time.time() - started, self.kv_budget, source, self.sampling)
         except Exception as e:  # the worker stays up and says why on /health
             self.error = f"{type(e).__name__}: {e}"
             log.exception("model load failed")
+
+    def _load_model(self):
+        """The model in the serve section's precision and placement (auto: what fits the card)."""
+        from common.loading import load_model, pick_device
+        s = self.cfg.serve
+        self.device = pick_device()
+        shape = model_shape(self.model_dir)
+        self.placement = placement_for(self.model_dir, s.quantization, s, self.adapter)
+        model = load_model(self.model_dir, self.placement.quantization, adapter=self.adapter,
+                           quantize_lm_head=self.placement.quantize_lm_head,
+                           embed_on_cpu=self.placement.embed_on_cpu).eval()
+        return model, shape
 
     def ready(self) -> bool:
         return self.engine is not None and not self.draining
@@ -123,6 +143,7 @@ class Accounting:
     tokens_out: int = 0
     code: str | None = None   # the error code of a refusal: queue_full, draining, ...
     prompt: object = None     # logged only with serve.log_prompts
+    sampling: dict | None = None  # the sampling a generation ran with (the server's defaults filled in)
     deferred: bool = False    # a streaming response: its generator records it at the end
     recorded: bool = False
 
@@ -139,6 +160,8 @@ class Accounting:
                  "completion_tokens": self.tokens_out}
         if state.cfg.serve.log_prompts and self.prompt:
             extra["prompt"] = self.prompt
+        if self.sampling is not None:
+            extra["sampling"] = self.sampling
         log.info("%s %s %s %.3fs", self.endpoint, status, outcome, seconds, extra=extra)
 
 
@@ -257,13 +280,20 @@ def wait(state: ServerState, req) -> None:
         raise error
 
 
+def too_large(state: ServerState, need: int, what: str) -> ApiError:
+    return ApiError(400, f"{what} needs up to {need:,} tokens of KV cache; this server's memory budget is "
+                         f"{state.kv_budget:,}: lower max_tokens or shorten the prompt", code="kv_budget_exceeded")
+
+
 def generation(state: ServerState, p: Params, ids: list[int]):
     """Submit one generation; the caller waits for it (wait) or streams it (stream)."""
     from common.engine import GenRequest
-    req = GenRequest(prompt_ids=ids, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                     stop=p.stop, ignore_eos=p.ignore_eos, seed=p.seed,
-                     deadline=time.monotonic() + state.cfg.serve.request_timeout_s,
+    sampling = Sampling(**{**state.sampling, **p.sampling}, seed=p.seed)
+    req = GenRequest(prompt_ids=ids, max_tokens=p.max_tokens, sampling=sampling, stop=p.stop,
+                     ignore_eos=p.ignore_eos, deadline=time.monotonic() + state.cfg.serve.request_timeout_s,
                      events=queue.Queue() if p.stream else None)
+    if req.worst_tokens > state.kv_budget:  # it could never start: say so now instead of queueing it
+        raise too_large(state, req.worst_tokens, f"this request (prompt {len(ids):,} + max_tokens {p.max_tokens:,})")
     submit(state, req)
     return req
 
@@ -271,7 +301,11 @@ def generation(state: ServerState, p: Params, ids: list[int]):
 def classify(state: ServerState, ids: list[list[int]], labels: list[str]) -> list[tuple[str, float, dict]]:
     """(best label, its probability, every label's probability) per prompt: one scoring pass."""
     from common.engine import ScoreRequest
-    req = ScoreRequest(prompt_ids=ids, labels=labels, deadline=time.monotonic() + state.cfg.serve.request_timeout_s)
+    from common.scoring import label_tokens
+    req = ScoreRequest(prompt_ids=ids, labels=labels, deadline=time.monotonic() + state.cfg.serve.request_timeout_s,
+                       label_tokens=max(map(len, label_tokens(state.tokenizer, labels))))
+    if req.tokens_per_prompt > state.kv_budget:
+        raise too_large(state, req.tokens_per_prompt, f"scoring {len(labels)} labels on a prompt")
     submit(state, req)
     wait(state, req)
     out = []

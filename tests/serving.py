@@ -64,7 +64,7 @@ def start_server(model: Path, logs: Path, conf: str = "gunicorn.conf.py", **env:
         try:
             if requests.get(server.url + "/health", timeout=1).status_code == 200:
                 return server
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
             pass
         time.sleep(0.3)
     server.stop()

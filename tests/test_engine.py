@@ -195,3 +195,32 @@ def test_drain_ends_what_waits_and_finishes_what_runs(tiny_model, tokenizer):
     eng.submit(long)
     eng.abort("shutdown")
     assert long.done.wait(10) and long.finish_reason == "shutdown" and settled(eng) == (0, 0)
+
+
+def test_a_burst_is_admitted_only_as_far_as_the_kv_budget_allows(tiny_model, tokenizer):
+    """Budget 2 x (prompt + 40): of six long requests at most two run at once, and all six finish."""
+    prompt = ids_for(tokenizer, "很长的提示。" * 60)
+    budget = 2 * (len(prompt) + 40)
+    eng = Engine(load_model(tiny_model).eval(), tokenizer, max_concurrent=3, max_queue=6, max_queue_wait_s=60,
+                 batch_wait_ms=0, kv_budget=budget)
+    burst = [GenRequest(prompt_ids=prompt, max_tokens=40, deadline=time.monotonic() + 120, ignore_eos=True)
+             for _ in range(6)]
+    for r in burst:
+        eng.submit(r)
+    assert all(r.done.wait(120) for r in burst) and {r.finish_reason for r in burst} == {"length"}
+    assert eng.peak_rows == 2 and eng.peak_kv_reserved <= budget  # the slots allowed 3; memory allowed 2
+    assert settled(eng) == (0, 0)
+
+
+def test_prefill_passes_take_at_most_max_prefill_tokens(tiny_model, tokenizer):
+    prompts = [ids_for(tokenizer, f"预填充{i}" * 20) for i in range(3)]
+    eng = Engine(load_model(tiny_model).eval(), tokenizer, max_concurrent=3, max_queue=3, max_queue_wait_s=60,
+                 batch_wait_ms=200, max_prefill_tokens=len(prompts[0]) + 1)
+    sizes = []
+    real = eng._prefill_forward
+    eng._prefill_forward = lambda new: (sizes.append(sum(len(r.prompt_ids) for r in new)), real(new))[1]
+    reqs = [GenRequest(prompt_ids=p, max_tokens=4, deadline=time.monotonic() + 60) for p in prompts]
+    for r in reqs:
+        eng.submit(r)
+    assert all(r.done.wait(60) for r in reqs)
+    assert len(sizes) == 3 and max(sizes) <= len(prompts[0]) + 1  # one prompt a pass, as the cap allows

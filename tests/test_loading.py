@@ -73,3 +73,23 @@ def test_generation_stops_at_im_end(tiny_model, tokenizer, prompt_ids):
     finally:
         hook.remove()
     assert out.shape[1] == start + 3 and out[0, -1] == im_end
+
+
+def test_embedding_in_cpu_memory_gives_identical_logits(tiny_model, prompt_ids, full_logits):
+    """The hooks that keep the embedding in CPU memory (ids in, vectors out to the compute device); on a
+    GPU box the vectors cross to the GPU, here the path runs with both ends on the CPU."""
+    from common.loading import embedding_to_cpu, model_device
+    model = load_model(tiny_model).eval()
+    embedding_to_cpu(model)
+    assert model.get_input_embeddings().weight.device.type == "cpu" and model_device(model).type == "cpu"
+    assert len(model.get_input_embeddings()._forward_pre_hooks) == 1
+    with torch.no_grad():
+        assert torch.equal(model(prompt_ids).logits, full_logits)
+
+
+def test_a_tied_head_keeps_its_embedding(tiny_model):
+    from common.loading import embedding_to_cpu
+    model = load_model(tiny_model).eval()
+    model.config.tie_word_embeddings = True
+    with pytest.raises(ValueError, match="ties its embedding"):
+        embedding_to_cpu(model)

@@ -29,7 +29,7 @@ def test_trained_run_to_a_served_answer(trained_run, prepared_data, tmp_path):
             try:
                 if requests.get(url + "/health", timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.5)
         assert server.poll() is None, (tmp_path / "server.txt").read_text()[-3000:]
         api = run_script("test_api.py", "--url", url, "--max-items", "16")

@@ -51,8 +51,8 @@ def test_copy_loads_quantized_without_a_config_and_answers(bits, copies, merged,
     for name in ("labels.json", "chat_template.jinja", "tokenizer.json", "generation_config.json"):
         assert (out / name).read_bytes() == (merged / name).read_bytes(), name
     model = AutoModelForCausalLM.from_pretrained(out, device_map={"": "cpu"}).eval()  # no quantization config
-    kinds = {type(m).__name__ for name, m in model.named_modules() if name.endswith("_proj")}
-    assert kinds == {LAYER[bits]}
+    kinds = {type(m).__name__ for name, m in model.named_modules() if name.endswith("_proj") or name == "lm_head"}
+    assert kinds == {LAYER[bits]}  # the output head too (quantize.lm_head: quantized)
     tokenizer = AutoTokenizer.from_pretrained(out)
     labels = json.loads((out / "labels.json").read_text())["labels"]
     record = json.loads((prepared_data / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
@@ -69,6 +69,8 @@ def test_report_figures(bits, copies, prepared_data):
     n_test = len((prepared_data / "test.jsonl").read_text(encoding="utf-8").splitlines())
     m = re.search(r"label agreement with the 16-bit model on (\d+) items of test\.jsonl: ([\d.]+)", stdout)
     assert m and int(m[1]) == n_test and 0 <= float(m[2]) <= 1, stdout
+    if bits == 8:  # LLM.int8 with the output head in 8-bit too picks the 16-bit model's labels (22/23 here,
+        assert float(m[2]) >= 0.9, stdout  # on a 4-step model whose labels are near ties; the demo's: docs/quantize.md)
     assert re.search(r"size on disk \(weights\): [\d.]+ MB vs [\d.]+ MB 16-bit", stdout)
     assert re.search(r"load time on cpu: [\d.]+s pre-quantized vs [\d.]+s quantizing", stdout)
 

@@ -113,6 +113,10 @@ BAD_REQUESTS = [
     ({"json": chat("很长的新闻" * 1200)}, 400, "this server accepts at most 2048"),
     ({"data": b"{" + b" " * 1_100_000 + b"}", "headers": {"Content-Type": "application/json"}}, 413, ""),
     ({"json": [1, 2]}, 400, "must be a JSON object"),
+    ({"json": chat(top_k="many")}, 400, "'top_k' must be an integer"),
+    ({"json": chat(min_p=1.5)}, 400, "'min_p' must be between 0 and 1"),
+    ({"json": chat(presence_penalty=3)}, 400, "'presence_penalty' must be between -2 and 2"),
+    ({"json": chat(repetition_penalty=0)}, 400, "'repetition_penalty' must be between"),
 ]
 
 
@@ -122,6 +126,30 @@ def test_bad_requests_get_4xx_json(server, kwargs, status, message):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) >= {"message", "type", "code"} and message in err["message"]
+
+
+def test_a_request_without_sampling_fields_gets_the_configured_defaults(server):
+    """temperature 0.3 (the seed's), top_p 0.8 and top_k 20 (Qwen3's non-thinking advice: the tiny model's
+    generation_config.json names none), never OpenAI's 1.0: logged, and the same draws as naming them."""
+    quiet = requests.post(server.url + CHAT, json=chat("采样", max_tokens=12, seed=11), timeout=30).json()
+    named = requests.post(server.url + CHAT, json=chat("采样", max_tokens=12, seed=11, temperature=0.3, top_p=0.8,
+                                                        top_k=20), timeout=30).json()
+    hot = requests.post(server.url + CHAT, json=chat("采样", max_tokens=12, seed=11, temperature=1.0, top_p=1.0,
+                                                      top_k=0), timeout=30).json()
+    text = [r["choices"][0]["message"]["content"] for r in (quiet, named, hot)]
+    assert text[0] == text[1] and text[0] != text[2]
+    logged = [r["sampling"] for r in server.records() if "sampling" in r]
+    assert {"temperature": 0.3, "top_p": 0.8, "top_k": 20, "min_p": 0.0, "seed": 11}.items() <= logged[-3].items()
+
+
+def test_penalties_are_accepted_and_applied(server):
+    """Greedy, the tiny model repeats tokens within 100 (89 distinct here); the penalties change that."""
+    plain = chat("重复", max_tokens=100, ignore_eos=True, temperature=0)
+    greedy = requests.post(server.url + CHAT, json=plain, timeout=60).json()
+    for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 1.5}):
+        r = requests.post(server.url + CHAT, json={**plain, **penalty}, timeout=60)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] != greedy["choices"][0]["message"]["content"], penalty
 
 
 def test_no_traceback_in_the_server_log(server):
@@ -267,6 +295,30 @@ def test_test_api_says_when_nothing_answers():
     assert proc.returncode == 1 and "start it with bash start_production.sh" in proc.stdout
 
 
+def test_memory_budget_bounds_a_burst_and_refuses_what_never_fits(tiny_model, tokenizer, tmp_path):
+    """A KV budget of two long requests: six at once all succeed, at most two at a time; one that could
+    never fit gets a 400 with the numbers instead of a place in the queue."""
+    from common.prompts import prompt_ids
+    long = "很长的新闻" * 100
+    prompt_tokens = len(prompt_ids(tokenizer, [{"role": "user", "content": long + "0"}]))
+    budget = 2 * (prompt_tokens + 64) + 50  # two fit, three do not
+    srv = start_server(tiny_model, tmp_path / "logs", RATE_LIMITS="1000/minute", MAX_CONCURRENT="3",
+                       QWEN_SERVE_KV_BUDGET_TOKENS=str(budget))
+    try:
+        with cf.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda i: requests.post(srv.url + CHAT, json=chat(long + str(i), max_tokens=64,
+                                                                                     ignore_eos=True),
+                                                          timeout=120).status_code, range(6)))
+        assert codes == [200] * 6
+        engine = requests.get(srv.url + "/stats", timeout=10).json()["engine"]
+        assert engine["peak_running"] == 2 and engine["peak_kv_tokens_reserved"] <= engine["kv_budget_tokens"] == budget
+        r = requests.post(srv.url + CHAT, json=chat(long + "0", max_tokens=512), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "kv_budget_exceeded"
+        assert f"{prompt_tokens + 512:,}" in r.json()["error"]["message"] and f"{budget:,}" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
 def test_base_plus_adapter_with_its_labels(tiny_model, trained_run, tmp_path):
     """ADAPTER_PATH: the run's adapter on its base; `labels: true` uses the run's labels.json."""
     import json as _json
@@ -280,3 +332,20 @@ def test_base_plus_adapter_with_its_labels(tiny_model, trained_run, tmp_path):
         assert f"+ adapter {trained_run}" in srv.log_text()
     finally:
         srv.stop()
+
+
+def test_benchmark_modes_run_against_the_service(server, tmp_path):
+    """benchmark.py's three modes, reduced, against the real server: figures come out, none is made up."""
+    from conftest import run_script
+    runs = {}
+    for mode, extra in (("generate", ["--requests", "2", "--max-tokens", "4", "--concurrency", "1"]),
+                        ("classify", ["--classify-items", "4", "--concurrency", "1"]),
+                        ("overload", ["--clients", "4", "--per-client", "2", "--max-tokens", "4"])):
+        out = tmp_path / f"{mode}.json"
+        proc = run_script("benchmark.py", "--url", server.url, "--mode", mode, "--json", str(out), *extra)
+        assert proc.returncode == 0 and "machine:" in proc.stdout, proc.stdout + proc.stderr
+        runs[mode] = json.loads(out.read_text())["runs"]
+    assert runs["generate"][0]["tokens_per_s"] > 0
+    assert len({r["way"] for r in runs["classify"]}) == 3 and all(r["items"] == 4 for r in runs["classify"])
+    overload = runs["overload"][0]
+    assert overload["served"] + overload["refused"] == overload["requests"] == 8 and overload["tokens_per_s"] > 0

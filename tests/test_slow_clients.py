@@ -32,7 +32,7 @@ def fronted(tiny_model, tmp_path_factory):
         try:
             if requests.get(url + "/health", timeout=1).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.3)
     yield proc, url, logs
