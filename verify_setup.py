@@ -20,7 +20,8 @@ from pathlib import Path
 from common.cli import run_stage
 from common.config import ROOT
 from common.loading import TRAIN_METHODS
-from common.memory import GIB, choose_placement, model_shape, serving_fit, training_fit
+from common.memory import (GIB, choose_placement, effective_concurrency, kv_bytes_per_token, model_shape,
+                           serving_fit, training_fit)
 from common.model_files import check_model_dir, serving_model
 
 
@@ -171,12 +172,12 @@ def check_port(host: str, port: int) -> Check:
     return Check("serving port", "PASS", f"{host}:{port} is free")
 
 
-def fit_check(name: str, text: str, total: float, card: float | None, fix: str) -> Check:
+def fit_check(name: str, text: str, total: float, card: float | None, fix: str, then: str = "") -> Check:
     if card is None:
         return Check(name, "WARN", text + " (no GPU to compare with)", "set verify.gpu_memory_gib to check a card")
     # counted from the module tree, but activations and the CUDA context are estimates: a small overshoot warns
     status = "PASS" if total <= card else "WARN" if total <= 1.1 * card else "FAIL"
-    return Check(name, status, f"{text} vs {card:.1f} GiB ({card - total:+.2f} GiB to spare)",
+    return Check(name, status, f"{text} vs {card:.1f} GiB ({card - total:+.2f} GiB to spare){then}",
                  "" if status == "PASS" else fix)
 
 
@@ -190,8 +191,12 @@ def check_memory_fit(cfg, model_dir: Path, gpu_gib: float | None) -> list[Check]
     fit = serving_fit(model_cfg, placement, s)
     layout = (f"{placement.quantization}, lm_head {'quantized' if placement.quantize_lm_head else '16-bit'}, "
               f"embedding on {'cpu' if placement.embed_on_cpu else 'gpu'}")
+    runs = ""
+    if card is not None:
+        n, why = effective_concurrency(fit.budget_tokens(card, kv_bytes_per_token(model_cfg)), s)
+        runs = f"; {n} requests at their longest run at once, set by {why}"
     serving = fit_check("serving fit", f"{model_dir.name} ({layout}): {fit.describe()}", fit.total, card,
-                        "lower serve.max_concurrent or the token caps, or serve 4bit")
+                        "lower serve.max_concurrent or the token caps, or serve 4bit", runs)
     train = training_fit(base_cfg, TRAIN_METHODS.get(t.method, "4bit"), t, cfg.data.max_tokens, 16)
     training = fit_check("training fit", f"{t.method} batch {t.batch_size} x {cfg.data.max_tokens} tokens: "
                          f"{train.describe()}", train.total, card,

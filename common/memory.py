@@ -15,6 +15,7 @@ from pathlib import Path
 
 GIB = 1024**3  # cards are sized in GiB: an RTX 3080 "10 GB" is 10 GiB
 CUDA_CONTEXT_GIB = 0.5  # CUDA context, cuBLAS workspace and allocator slack, seen on consumer cards
+KV_MARGIN_GIB = 0.25  # kept free beside the KV budget: allocator fragmentation, sampling and scoring temporaries
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes NF4: absmax per 64 weights, double-quantized per 256 blocks
 
 # Published Qwen3 shapes (their config.json), so a fit can be checked before a download.
@@ -145,10 +146,25 @@ class ServingFit:
     def total(self) -> float:
         return self.weights_gpu + self.kv + self.activations + self.overhead
 
+    def budget_tokens(self, card_gib: float, kv_per_token: int) -> int:
+        """The KV budget the server would measure on this card: what the rest leaves free."""
+        free = card_gib - self.weights_gpu - self.activations - self.overhead - KV_MARGIN_GIB
+        return max(int(free * GIB // kv_per_token), 0)
+
     def describe(self) -> str:
         cpu = f" (+ {self.weights_cpu:.2f} GiB in CPU memory)" if self.weights_cpu >= 0.01 else ""
         return (f"weights {self.weights_gpu:.2f} GiB{cpu} + KV cache {self.kv_tokens:,} tokens {self.kv:.2f} GiB + "
                 f"prefill {self.activations:.2f} GiB + CUDA context {self.overhead:.2f} GiB = {self.total:.2f} GiB")
+
+
+def effective_concurrency(budget_tokens: int, serve) -> tuple[int, str]:
+    """How many requests at their longest (max_prompt_tokens + max_tokens) run at once, and what decides
+    it: the KV budget, or the serve.max_concurrent ceiling when memory would allow more."""
+    per = serve.max_prompt_tokens + serve.max_tokens
+    by_memory = budget_tokens // per
+    if by_memory >= serve.max_concurrent:
+        return serve.max_concurrent, f"the ceiling serve.max_concurrent (memory would allow {by_memory})"
+    return by_memory, f"the KV budget: {budget_tokens:,} tokens / {per:,} per longest request"
 
 
 def worst_case_kv_tokens(serve) -> int:
@@ -170,7 +186,7 @@ def kv_budget(cfg: dict, serve, device: str) -> tuple[int, str]:
     if device == "cuda":
         import torch
         free = torch.cuda.mem_get_info()[0]
-        reserve = prefill_activation_bytes(cfg, serve.max_prefill_tokens) + GIB // 4
+        reserve = prefill_activation_bytes(cfg, serve.max_prefill_tokens) + int(KV_MARGIN_GIB * GIB)
         tokens = max(int((free - reserve) // kv_bytes_per_token(cfg)), 0)
         return tokens, f"{free / GIB:.2f} GiB free after loading, less {reserve / GIB:.2f} GiB for prefill"
     return worst_case_kv_tokens(serve), "what the limits need (no GPU)"

@@ -71,13 +71,16 @@ class Stats:
 WORKER_ID = os.urandom(4).hex()  # tells workers apart in /stats without naming a process id
 
 
-def engine_report(engine) -> dict:
+def engine_report(engine, serve) -> dict:
     """The engine's own accounting: what it holds, and how its passes went."""
     if engine is None:
         return {}
     with engine.wake:
         admitted, waiting, running = engine.admitted, len(engine.pending), len(engine.rows)
-    return {"admitted": admitted, "waiting": waiting, "running": running, "kv_budget_tokens": engine.kv_budget,
+    from common.memory import effective_concurrency
+    runs, why = effective_concurrency(engine.kv_budget, serve)
+    return {"admitted": admitted, "waiting": waiting, "running": running, "effective_concurrency": runs,
+            "concurrency_set_by": why, "kv_budget_tokens": engine.kv_budget,
             "kv_tokens_reserved": engine.kv_in_use(), "peak_kv_tokens_reserved": engine.peak_kv_reserved,
             "peak_running": engine.peak_rows, "max_prefill_tokens": engine.max_prefill_tokens,
             "failed_passes": engine.failures,
@@ -129,7 +132,7 @@ def stats():
         "peak_admitted": engine.peak_admitted if engine else 0, "latency_s": st.percentiles(),
         "tokens": {"prompt": st.tokens_in, "completion": st.tokens_out,
                    "completion_per_s_last_minute": st.tokens_per_second()},
-        "engine": engine_report(engine), "memory": memory_report(), "worker": WORKER_ID,
+        "engine": engine_report(engine, s), "memory": memory_report(), "worker": WORKER_ID,
         "limits": {k: getattr(s, k) for k in ("max_concurrent", "max_queue", "max_queue_wait_s",
                                               "request_timeout_s", "max_tokens", "max_prompt_tokens",
                                               "max_body_bytes", "rate_limits", "global_rate_limit")},

@@ -2,11 +2,13 @@
 
 A label's score is log P of its answer tokens (label + <|im_end|>) up to the first token that tells
 it apart from every other label: the probability that generation commits to that label. When every
-label starts with its own token, that is the first token alone, read from the prompt pass's last
-position: one forward pass per prompt, nothing else. Labels that share leading tokens ("公司",
-"公司债券") need the continuation: the prompt's KV cache is repeated for those labels only and their
-tokens up to the distinguishing one run as one batch on top of it. The answer is always a valid
-label with a probability. tests/test_scoring.py checks both paths against full forward passes.
+label starts with its own token, that is the first token alone, read at the prompt pass's last
+position: one pass of the body per prompt, and of the 151,936-row output head only the K label rows
+(the vocabulary's normalizer is the same for every label of a prompt, so it cancels in the
+probabilities). Labels that share leading tokens ("公司", "公司债券") need the continuation: the
+prompt's KV cache is repeated for those labels only and their tokens up to the distinguishing one run
+as one batch on top of it. The answer is always a valid label with a probability.
+tests/test_scoring.py checks both paths against full forward passes.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from common.prompts import answers_ids
 
 @dataclass
 class LabelScores:
-    logprobs: torch.Tensor  # [N, K] log-probability of each label's tokens up to its distinguishing one
+    # [N, K] log-probability of each label's tokens up to its distinguishing one, less the prompt
+    # position's normalizer log Z(prompt): the same for every label of a prompt, so probs are exact
+    logprobs: torch.Tensor
 
     @property
     def probs(self) -> torch.Tensor:
@@ -50,15 +54,26 @@ def label_tokens(tokenizer, labels: list[str]) -> list[list[int]]:
     return distinguishing_tokens(answers_ids(tokenizer, labels))
 
 
+def head_logits(head, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """[N, K] the output head's logits for `token_ids` only: K rows of the weight instead of all 151,936
+    (a plain matrix); a quantized or adapter-wrapped head runs whole, then the K are picked."""
+    if type(head) is torch.nn.Linear:
+        rows = torch.tensor(token_ids, device=hidden.device)
+        out = hidden.to(head.weight.dtype) @ head.weight[rows].T
+        return (out + head.bias[rows]) if head.bias is not None else out
+    return head(hidden)[:, token_ids]
+
+
 @torch.no_grad()
 def _score_batch(model, prompt_ids: list[list[int]], cand: list[list[int]], pad_id: int) -> torch.Tensor:
     device = model_device(model)
     ids, mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     pos = position_ids(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)                   # [N, V]
-    total = first[:, [c[0] for c in cand]]                                          # [N, K]: the first tokens
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     longer = [k for k, c in enumerate(cand) if len(c) > 1]
+    out = causal.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=bool(longer))
+    # log P(first token) up to log Z(prompt), which every label of the prompt shares: the K logits suffice
+    total = head_logits(causal.get_output_embeddings(), out.last_hidden_state[:, -1], [c[0] for c in cand]).float()
     if longer:  # labels that share leading tokens: their continuations, on the prompt's cache
         total[:, longer] += _continuations(model, out.past_key_values, mask, pos, [cand[k] for k in longer], pad_id)
     return total.cpu()

@@ -40,10 +40,13 @@ def test_cached_scoring_equals_full_sequences(tiny_model, tokenizer, trained_run
     cfg = load_config(use_env=False).prompt
     texts = ["央行降准", "沪指上涨1%，成交额破万亿，创业板走强。" * 3, "测试"]  # different lengths: left padding
     prompts = classification_ids(tokenizer, texts, labels, cfg)
-    calls = forward_calls(model)
-    fast = score_label_ids(model, tokenizer, prompts, labels, batch_size=3).logprobs
-    assert len(calls) == 1  # the model's forward once: the prompt pass (continuations run its body directly)
-    assert torch.allclose(fast, naive_scores(model, tokenizer, prompts, labels), atol=1e-4)
+    body = forward_calls((model.get_base_model() if adapter else model).model)
+    fast = score_label_ids(model, tokenizer, prompts, labels, batch_size=3)
+    assert len(body) == (1 if labels is DISTINCT else 2)  # the prompt pass, and the continuations if needed
+    naive = naive_scores(model, tokenizer, prompts, labels)
+    assert torch.allclose(fast.probs, torch.softmax(naive, -1), atol=1e-5)
+    # up to the prompt's normalizer, the same for every label of a prompt: differences are exact
+    assert torch.allclose(fast.logprobs - fast.logprobs[:, :1], naive - naive[:, :1], atol=1e-4)
 
 
 def test_distinct_first_tokens_need_one_pass_only(tiny_model, tokenizer):
@@ -51,10 +54,10 @@ def test_distinct_first_tokens_need_one_pass_only(tiny_model, tokenizer):
     assert all(len(t) == 1 for t in label_tokens(tokenizer, DISTINCT))
     assert [len(t) for t in label_tokens(tokenizer, ["公司", "公司债券", "股市"])][2] == 1
     model = load_model(tiny_model).eval()
-    body = forward_calls(model.model)  # the decoder body: once for the prompt, never for continuations
+    body, head = forward_calls(model.model), forward_calls(model.lm_head)
     prompts = classification_ids(tokenizer, ["央行降准"], DISTINCT, load_config(use_env=False).prompt)
     score_label_ids(model, tokenizer, prompts, DISTINCT)
-    assert len(body) == 1
+    assert len(body) == 1 and len(head) == 0  # one body pass; the head's K label rows, not all of it
 
 
 def test_probabilities_and_best(tiny_model, tokenizer):

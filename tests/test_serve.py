@@ -26,8 +26,9 @@ def chat(text="你好", **extra):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
+    """The 8B profile's serving limits (3 running, 10 waiting, the token caps) on the tiny model."""
     srv = start_server(tiny_model, tmp_path_factory.mktemp("logs"), QWEN_SERVE_RATE_LIMITS="1000/minute",
-                       QWEN_SERVE_MAX_CONCURRENT="3", QWEN_SERVE_MAX_QUEUE="10")
+                       QWEN_PROFILE="none")
     yield srv
     srv.stop()
 
@@ -182,6 +183,7 @@ def test_burst_is_bounded_by_slots_and_queue(server):
 def test_monitoring_endpoints(server):
     stats = requests.get(server.url + "/stats", timeout=10).json()
     assert stats["limits"]["max_concurrent"] == 3 and stats["limits"]["max_queue"] == 10
+    assert stats["engine"]["effective_concurrency"] == 3 and "ceiling" in stats["engine"]["concurrency_set_by"]
     assert "rss_gib" in stats["memory"] or "used_gib" in stats["memory"]
     metrics = requests.get(server.url + "/metrics", timeout=10).text
     assert "qwen_requests_total" in metrics and "qwen_in_flight" in metrics
