@@ -7,9 +7,11 @@ DEMO_PORT ?= 8000
 
 .PHONY: test demo demo-clean clean-venv system-deps
 
-# Debian packages some tests start for real (nginx in front of gunicorn). Installed when missing and
-# this runs as root (CI, a container); otherwise it says what is missing and those tests skip, saying why.
-DEBS := nginx
+# Debian packages some tests start for real: nginx in front of gunicorn, a Redis server for shared rate
+# limits, headless Chromium (with a CJK font) to render the dashboard and the evaluation report. Installed
+# when missing and this runs as root (CI, a container); otherwise it says what is missing and those tests
+# skip, saying why.
+DEBS := nginx redis-server chromium fonts-wqy-microhei
 system-deps:
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \

@@ -47,6 +47,8 @@ class TinyConfig:
 @dataclass
 class DataConfig:
     input: str
+    encoding: str
+    sheet: str | None
     processed_dir: str
     text_col: str | None
     label_col: str | None

@@ -1,8 +1,9 @@
 """gunicorn.conf.py as it is, plus a fault injector for tests: `gunicorn -c tests/faults.conf.py`.
 
 FAULTS_FILE names a JSON file {"id": ..., "prefill": n, "decode": n, "score": n}; once a worker's model
-has loaded, its forward raises on the next n passes of each phase (the engine's `phase` says which
-pass is running). Writing the file with a new id arms a new set. Everything else is the real server.
+has loaded, its decoder body (which every pass runs) raises on the next n passes of each phase (the
+engine's `phase` says which pass is running). Writing the file with a new id arms a new set. Everything
+else is the real server.
 """
 import importlib.util
 import json
@@ -20,7 +21,10 @@ globals().update({k: v for k, v in vars(_real).items() if not k.startswith("__")
 def _arm(state, path: Path) -> None:
     while state.engine is None:
         time.sleep(0.05)
-    engine, real, armed = state.engine, state.engine.model.forward, {"id": None}
+    engine = state.engine
+    causal = engine.model.get_base_model() if hasattr(engine.model, "get_base_model") else engine.model
+    body, armed = causal.model, {"id": None}
+    real = body.forward
 
     def forward(*args, **kwargs):
         try:
@@ -35,7 +39,7 @@ def _arm(state, path: Path) -> None:
             raise RuntimeError(f"injected fault in {engine.phase}")
         return real(*args, **kwargs)
 
-    engine.model.forward = forward
+    body.forward = forward
 
 
 def post_worker_init(worker):

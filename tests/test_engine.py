@@ -88,15 +88,17 @@ def test_score_requests_share_the_thread(model, tokenizer):
 
 
 def inject(engine, **budget):
-    """The model's forward raises on the next budget[phase] passes of each phase (prefill, decode, score)."""
-    real = engine.model.forward
+    """The decoder body's forward (every pass runs it: prefill, decode, score) raises on the next
+    budget[phase] passes of each phase."""
+    body = engine.model.model
+    real = body.forward
 
     def forward(*args, **kwargs):
         if budget.get(engine.phase, 0) > 0:
             budget[engine.phase] -= 1
             raise budget.get("error", RuntimeError)(f"injected fault in {engine.phase}")
         return real(*args, **kwargs)
-    engine.model.forward = forward
+    body.forward = forward
     return budget
 
 
