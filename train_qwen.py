@@ -36,6 +36,7 @@ from common.loading import TRAIN_METHODS, load_tokenizer, pick_device, pick_dtyp
 from common.memory import model_shape, training_fit
 from common.metrics import classification_metrics
 from common.prompts import IGNORE_INDEX, classification_ids, encode_records
+from common.provenance import run_provenance
 from common.scoring import score_label_ids
 
 log = logging.getLogger("train_qwen")
@@ -261,9 +262,20 @@ def make_trainer(cfg, model, tokenizer, splits, encoded, labels, run_dir: Path, 
         val_records=val_sample, labels=labels, prompt_cfg=cfg.prompt, eval_batch_size=t.eval_batch_size)
 
 
+def seed_everything(tcfg) -> None:
+    """Before anything draws a random number (the adapters' initialisation included): the same config,
+    data and seed give the same adapter. train.deterministic also makes CUDA pick deterministic kernels."""
+    from transformers import enable_full_determinism, set_seed
+    if tcfg.deterministic:
+        enable_full_determinism(tcfg.seed)
+    else:
+        set_seed(tcfg.seed)
+
+
 def run(cfg, resume: bool = False, force: bool = False) -> dict:
     """Train the adapter config.yaml's train section describes; returns the run's figures."""
     t, device = cfg.train, pick_device()
+    seed_everything(t)
     model_path, processed = check_settings(cfg)
     run_dir, resume_from = run_paths(cfg, resume, force)
     splits = load_splits(processed, ("train", "val"))
@@ -288,6 +300,7 @@ def run(cfg, resume: bool = False, force: bool = False) -> dict:
         "samples_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 2),
         "padding_ratio": round(trainer.data_collator.padding_ratio, 4), "trainable_parameters": n_train,
         "peak_memory_gib": round(peak_memory_gib(device), 2), "device": device,
+        "provenance": run_provenance(cfg, processed, model_path, device, str(pick_dtype(device)).removeprefix("torch.")),
     }
     if trainer.is_world_process_zero():
         save_run(trainer, run_dir, cfg, processed, figures)

@@ -36,17 +36,23 @@ def build_messages(text: str, labels: list[str], cfg: PromptConfig) -> list[dict
     return [{"role": "system", "content": cfg.system}] + messages if cfg.system else messages
 
 
-def record_messages(record: dict, labels: list[str] | None, cfg: PromptConfig) -> list[dict]:
-    """The prompt's messages for a prepared record: the classification request for a text+label item,
-    or every turn before the last (assistant) one of a chat `messages` record."""
-    if "messages" in record:
-        return record["messages"][:-1]
-    return build_messages(record["text"], labels, cfg)
+def record_turns(tokenizer, record: dict, labels: list[str] | None, cfg: PromptConfig) -> tuple[list[dict], bool, str]:
+    """(the prompt's messages, thinking on or off, the answer text) for a prepared record.
 
-
-def record_answer(record: dict) -> str:
-    """What the model must answer: the label, or the chat record's last (assistant) turn."""
-    return record["messages"][-1]["content"] if "messages" in record else record.get("label", "")
+    A text+label item: the classification request, the configured thinking mode, the label. A chat
+    `messages` record: every turn before the last, and the last turn as the chat template renders it
+    after the generation prompt, so prompt + answer is the template's own rendering of the conversation
+    (Qwen3 puts the final turn's reasoning, or an empty think block, there). Reasoning in the answer
+    needs the thinking-on prompt (no empty think block): the other mode is tried when one does not fit."""
+    if "messages" not in record:
+        return build_messages(record["text"], labels, cfg), cfg.enable_thinking, record.get("label", "")
+    messages = record["messages"]
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    for thinking in (cfg.enable_thinking, not cfg.enable_thinking):
+        prompt = render_prompt(tokenizer, messages[:-1], thinking)
+        if whole.startswith(prompt):
+            return messages[:-1], thinking, whole[len(prompt):].removesuffix("\n").removesuffix(END_OF_TURN)
+    raise ValueError("the chat template does not render this conversation as its prompt followed by its last turn")
 
 
 def probe_records(labels: list[str] | None, cfg: PromptConfig) -> list[dict]:
@@ -83,7 +89,7 @@ def _specials(tokenizer) -> tuple[list[str], re.Pattern]:
 
 
 def chat_ids(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = True,
-             enable_thinking: bool = False) -> list[list[int]]:
+             enable_thinking: bool | list[bool] = False) -> list[list[int]]:
     """Token ids of conversations through the chat template, user text kept as data.
 
     Special-token strings in message contents are swapped for one-off placeholders, the template is
@@ -100,10 +106,11 @@ def chat_ids(tokenizer, conversations: list[list[dict]], add_generation_prompt: 
 
     pieces: list[str] = []
     plans: list[list[tuple[str, int]]] = []  # per conversation: ("text", piece index) or ("special", id)
-    for messages in conversations:
+    modes = enable_thinking if isinstance(enable_thinking, list) else [enable_thinking] * len(conversations)
+    for messages, thinking in zip(conversations, modes):
         rendered = tokenizer.apply_chat_template([{**m, "content": hide(m.get("content"))} for m in messages],
                                                  tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                 enable_thinking=enable_thinking)
+                                                 enable_thinking=thinking)
         plan, start = [], 0
         for m in [*pattern.finditer(rendered), None]:
             end = m.start() if m else len(rendered)
@@ -129,7 +136,8 @@ def classification_ids(tokenizer, texts: list[str], labels: list[str], cfg: Prom
 
 
 def records_prompt_ids(tokenizer, records: list[dict], labels: list[str] | None, cfg: PromptConfig) -> list[list[int]]:
-    return chat_ids(tokenizer, [record_messages(r, labels, cfg) for r in records], True, cfg.enable_thinking)
+    turns = [record_turns(tokenizer, r, labels, cfg) for r in records]
+    return chat_ids(tokenizer, [m for m, _, _ in turns], True, [t for _, t, _ in turns])
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -160,8 +168,9 @@ def encode_example(prompt: list[int], answer: list[int]) -> dict[str, list[int]]
 
 def encode_records(tokenizer, records: list[dict], labels: list[str] | None, cfg: PromptConfig) -> list[dict]:
     """Training examples of prepared records; prepare_data.py counts its token budget with this too."""
-    prompts = records_prompt_ids(tokenizer, records, labels, cfg)
-    answers = answers_ids(tokenizer, [record_answer(r) for r in records])
+    turns = [record_turns(tokenizer, r, labels, cfg) for r in records]
+    prompts = chat_ids(tokenizer, [m for m, _, _ in turns], True, [t for _, t, _ in turns])
+    answers = answers_ids(tokenizer, [a for _, _, a in turns])
     return [encode_example(p, a) for p, a in zip(prompts, answers)]
 
 

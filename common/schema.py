@@ -89,6 +89,7 @@ class TrainConfig:
     eval_batch_size: int
     logging_steps: int
     seed: int
+    deterministic: bool
     report_to: list[str]
 
 
@@ -160,6 +161,9 @@ class ServeConfig:
     rate_limits: str
     global_rate_limit: str
     rate_limit_storage: str
+    rate_limit_storage_down: str
+    rate_limit_storage_timeout_s: float
+    rate_limit_storage_retry_s: float
     trusted_proxies: int
     api_keys: list[str]
     api_keys_file: str | None

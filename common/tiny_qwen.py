@@ -25,24 +25,64 @@ QWEN3_ADDED_TOKENS = [
 ]
 FIRST_ADDED_ID, QWEN3_VOCAB_SIZE = 151643, 151936
 
-# ChatML as Qwen3 renders it for system/user/assistant turns. With enable_thinking=false the
-# generation prompt carries an empty think block, which is how Qwen3 is told not to think.
-CHAT_TEMPLATE = """{%- for message in messages %}
-{%- if message.role not in ['system', 'user', 'assistant'] %}
-{{- raise_exception('unsupported role: ' + message.role) }}
-{%- endif %}
-{%- set content = message.content if message.content is string else '' %}
-{%- if message.role == 'assistant' and '</think>' in content %}
-{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
-{%- endif %}
-{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-{{- '<|im_start|>assistant\\n' }}
-{%- if enable_thinking is defined and enable_thinking is false %}
-{{- '<think>\\n\\n</think>\\n\\n' }}
-{%- endif %}
-{%- endif %}"""
+# The chat template, written to Qwen3's published rendering rules (tests/test_chat_template.py holds a
+# table of conversations and the exact strings Qwen3-8B's template gives them):
+# - tools: one system turn of the system text, then the tools preamble listing each tool as JSON;
+# - the last user query is the last user turn that is not a wrapped tool response; assistant turns after
+#   it keep their reasoning in a <think> block (the final one always gets one, empty if need be), earlier
+#   assistant turns lose theirs; reasoning comes from `reasoning_content` or a <think>...</think> prefix;
+# - assistant tool calls follow as <tool_call> JSON lines; consecutive `tool` turns become one user turn
+#   of <tool_response> blocks;
+# - the generation prompt opens an assistant turn; enable_thinking=false adds the empty think block,
+#   which is how Qwen3 is told not to think.
+TOOLS_PREAMBLE = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                  "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_CLOSING = ('\n</tools>\n\nFor each function call, return a json object with function name and arguments '
+                 'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+                 '"arguments": <args-json-object>}\n</tool_call>')
+CHAT_TEMPLATE = (
+    "{%- macro turn(role, text) %}{{- '<|im_start|>' + role + '\\n' + text + '<|im_end|>\\n' }}{%- endmacro %}"
+    "{%- set first_is_system = messages and messages[0].role == 'system' %}"
+    "{%- if tools %}"
+    "{%- set head = (messages[0].content + '\\n\\n') if first_is_system else '' %}"
+    "{%- set listed = namespace(text='') %}"
+    "{%- for tool in tools %}{%- set listed.text = listed.text + '\\n' + (tool | tojson) %}{%- endfor %}"
+    "{{- turn('system', head + TOOLS_PREAMBLE + listed.text + TOOLS_CLOSING) }}"
+    "{%- elif first_is_system %}{{- turn('system', messages[0].content) }}{%- endif %}"
+    "{%- set query = namespace(index=messages | length - 1, found=false) %}"
+    "{%- for m in messages | reverse %}"
+    "{%- if not query.found and m.role == 'user' and not (m.content is string and "
+    "m.content.startswith('<tool_response>') and m.content.endswith('</tool_response>')) %}"
+    "{%- set query.index = messages | length - 1 - loop.index0 %}{%- set query.found = true %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}{{- turn(m.role, m.content) }}"
+    "{%- elif m.role == 'system' %}"  # the first system turn: rendered above
+    "{%- elif m.role == 'assistant' %}"
+    "{%- set text = m.content if m.content is string else '' %}{%- set reasoning = '' %}"
+    "{%- if m.reasoning_content is string %}{%- set reasoning = m.reasoning_content %}"
+    "{%- elif '</think>' in text %}"
+    "{%- set reasoning = text.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set text = text.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > query.index and (loop.last or reasoning) %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + text.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + text }}{%- endif %}"
+    "{%- for call in m.tool_calls or [] %}{%- set call = call.function or call %}"
+    "{{- '\\n' if (text or not loop.first) else '' }}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' }}"
+    "{{- call.arguments if call.arguments is string else (call.arguments | tojson) }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- raise_exception('unsupported role: ' + m.role) }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+).replace("TOOLS_PREAMBLE", repr(TOOLS_PREAMBLE)).replace("TOOLS_CLOSING", repr(TOOLS_CLOSING))
 
 
 def build_qwen_tokenizer():

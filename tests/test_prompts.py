@@ -111,3 +111,24 @@ def test_labels_json_has_one_rule(tmp_path):
     assert read_labels(chat, data) is None and read_labels(tmp_path / "none") is None
     with pytest.raises(DataError, match="not valid JSON"):
         read_labels(broken, data)
+
+
+MULTI_TURN = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "问一"},
+              {"role": "assistant", "content": "<think>先想想</think>答一"}, {"role": "user", "content": "问二"}]
+
+
+@pytest.mark.parametrize("last,answer", [
+    ("答二", "答二"),                                                     # the thinking-off prompt ends in the empty block
+    ("<think>\n推理\n</think>\n\n答二", "<think>\n推理\n</think>\n\n答二"),  # reasoning: the thinking-on prompt
+])
+def test_multi_turn_chat_trains_on_the_final_answer_as_the_template_renders_it(tokenizer, prompt_cfg, last, answer):
+    messages = MULTI_TURN + [{"role": "assistant", "content": last}]
+    (ex,) = encode_records(tokenizer, [{"messages": messages}], None, prompt_cfg)
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(ex["input_ids"]) + "\n" == whole  # the template's own rendering, to the last token
+    n_prompt = ex["labels"].count(IGNORE_INDEX)
+    assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert tokenizer.decode(ex["labels"][n_prompt:]) == answer + "<|im_end|>"  # the loss: the final answer only
+    served = prompt_ids(tokenizer, messages[:-1], enable_thinking="<think>" in answer)
+    assert ex["input_ids"][:n_prompt] == served  # where serving asks the model to continue
+    assert "先想想" not in whole  # the earlier turn's reasoning is dropped, as Qwen3 does

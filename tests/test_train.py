@@ -83,9 +83,9 @@ def test_quantized_methods_train_on_cpu(method, tiny_model, prepared_data, tmp_p
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history if "loss" in h)
 
 
-def test_resume_after_sigkill_finishes_the_same_steps(tiny_model, prepared_data, tmp_path):
-    args = train_args(tiny_model, prepared_data, tmp_path, "killed", "--max-steps", "12", "--save-steps", "4",
-                      "--eval-steps", "4", "--early-stopping-patience", "0")
+def test_resume_after_sigkill_reaches_the_uninterrupted_adapter(tiny_model, prepared_data, tmp_path):
+    steps = ("--max-steps", "12", "--save-steps", "4", "--eval-steps", "4", "--early-stopping-patience", "0")
+    args = train_args(tiny_model, prepared_data, tmp_path, "killed", *steps)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_qwen.py"), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "killed" / "checkpoints" / "checkpoint-4" / "trainer_state.json"
@@ -105,6 +105,12 @@ def test_resume_after_sigkill_finishes_the_same_steps(tiny_model, prepared_data,
     assert (first.read_bytes(), first.stat().st_mtime_ns) == killed_state
     history = json.loads((tmp_path / "killed" / "history.json").read_text())
     assert [h["step"] for h in history if "eval_loss" in h][:3] == [4, 8, 12]  # no step ran twice
+    straight = run_script("train_qwen.py", *train_args(tiny_model, prepared_data, tmp_path, "straight", *steps))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    from safetensors.torch import load_file
+    resumed_w, straight_w = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("killed", "straight"))
+    assert resumed_w.keys() == straight_w.keys()
+    assert all(torch.equal(resumed_w[k], straight_w[k]) for k in resumed_w)  # the same adapter, bit for bit
 
 
 def test_two_process_accelerate_run(tiny_model, prepared_data, tmp_path):
@@ -117,3 +123,18 @@ def test_two_process_accelerate_run(tiny_model, prepared_data, tmp_path):
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
     info = json.loads((tmp_path / "ddp" / "train_info.json").read_text())
     assert info["global_step"] == 2
+
+
+def test_same_config_data_and_seed_give_the_same_adapter_bytes(trained_run, tiny_model, prepared_data, tmp_path):
+    """A run is a function of its config, data and seed: again with seed 42 (the fixture's), bit for bit;
+    with seed 7, a different adapter. train_info.json records what made it."""
+    again = run_script("train_qwen.py", *train_args(tiny_model, prepared_data, tmp_path, "again"))
+    other = run_script("train_qwen.py", *train_args(tiny_model, prepared_data, tmp_path, "other", "--seed", "7"))
+    assert again.returncode == 0 and other.returncode == 0, again.stderr[-2000:] + other.stderr[-2000:]
+    reference = (trained_run / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == reference
+    assert (tmp_path / "other" / "adapter_model.safetensors").read_bytes() != reference
+    prov = json.loads((trained_run / "train_info.json").read_text())["provenance"]
+    assert prov["seed"] == 42 and prov["device"] == "cpu" and prov["dtype"] == "float32"
+    assert len(prov["data"]["train"]) == 64 and prov["base_model"]["manifest_sha256"]
+    assert prov["versions"]["torch"] and prov["config"]["train"]["seed"] == 42
