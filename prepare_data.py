@@ -1,7 +1,8 @@
-"""Turn a raw CSV / TSV / JSON / JSONL file into the checked, split data every later stage reads.
+"""Turn a raw CSV / TSV / JSON / JSONL / Excel .xlsx file into the checked, split data every later stage reads.
 
     python prepare_data.py                       # data/sample_news.csv -> data/processed/ (~4 s on a CPU)
     python prepare_data.py --input my.jsonl --text-col content --label-col category --overlong truncate
+    python prepare_data.py --input reviews.xlsx --sheet 2   # a GBK .csv or an .xlsx needs no conversion
     python prepare_data.py --input chats.jsonl   # chat SFT records ({"messages": [...]}) -> task "chat"
 
 Writes train.jsonl, val.jsonl, test.jsonl, labels.json, rejected.jsonl (every dropped item with its
@@ -25,12 +26,13 @@ from common.cli import run_stage
 from common.config import ROOT
 from common.data import LABELS_FILE, SPLITS, DataError
 from common.prompts import encode_records
-from common.reading import Item, live, pick_column, read_items
+from common.reading import Item, Table, live, pick_column, read_items
 from common.terminal import ljust_cols
 
 # Column names tried in this order (case-insensitive) when --text-col / --label-col are not given.
-TEXT_NAMES = ("text", "content", "sentence", "title", "news", "文本", "内容", "新闻", "标题")
-LABEL_NAMES = ("label", "labels", "category", "class", "类别", "标签", "分类")
+TEXT_NAMES = ("text", "content", "sentence", "title", "news", "review", "comment",
+              "文本", "内容", "新闻", "标题", "评论", "评价")
+LABEL_NAMES = ("label", "labels", "category", "class", "sentiment", "类别", "标签", "分类", "情感")
 BATCH = 512  # texts per tokenizer call: the fast (Rust) tokenizer encodes a batch in parallel
 
 
@@ -192,8 +194,8 @@ def check_accounting(items: list[Item], splits: dict[str, list[Item]]) -> None:
         raise AssertionError(f"accounting bug: {len(items)} items read, {len(placed)} placed")
 
 
-def build_report(src: str, task: str, cols, items, splits, labels, cfg, warnings: list[str]) -> dict:
-    kept = [it for part in splits.values() for it in part]
+def build_report(src: str, table: Table, task: str, cols, splits, labels, cfg, warnings: list[str]) -> dict:
+    items, kept = table.items, [it for part in splits.values() for it in part]
     lengths = sorted(it.tokens for it in kept)  # nearest-rank percentiles: each is a length some example has
     tokens = {f"p{q}": lengths[math.ceil(q / 100 * len(lengths)) - 1] if kept else None for q in (50, 90, 99, 100)}
     classes = {label: {name: sum(it.record["label"] == label for it in splits[name]) for name in SPLITS}
@@ -202,7 +204,8 @@ def build_report(src: str, task: str, cols, items, splits, labels, cfg, warnings
                  for label, n in classes.items() if sum(n.values()) < cfg.data.min_per_class]
     warnings += [f"the {name} split is empty" for name in SPLITS if not splits[name]]
     return {
-        "input": src, "task": task, "columns": {"text": cols[0], "label": cols[1]} if cols else None,
+        "input": src, "source": table.source, "task": task,
+        "columns": {"text": cols[0], "label": cols[1]} if cols else None,
         "counts": {"read": len(items), "kept": len(kept), "rejected": len(items) - len(kept),
                    "rejected_by_reason": dict(Counter(it.kind for it in items if it.kind)),
                    "truncated": sum(it.truncated for it in kept),
@@ -242,10 +245,17 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def read_as(source: dict) -> str:
+    """How the file was read, for the report's first line: "gbk, detected" or "sheet '评论'"."""
+    if "sheet" in source:
+        return f"sheet '{source['sheet']}'"
+    return f"{source['encoding']}, {'detected' if source['detected'] else 'as data.encoding says'}"
+
+
 def print_report(report: dict, labels: list[str]) -> None:
     c, t, cols = report["counts"], report["tokens"], report["columns"]
-    print(f"{report['input']} -> {report['task']}" + (f" (text column '{cols['text']}', label column "
-                                                     f"'{cols['label']}')" if cols else ""))
+    print(f"{report['input']} ({read_as(report['source'])}) -> {report['task']}"
+          + (f" (text column '{cols['text']}', label column '{cols['label']}')" if cols else ""))
     print("".join(f"{name:<10}{c[name]:>7}\n" for name in ("read", "kept", "rejected")), end="")
     print("".join(f"  {kind:<20}{n:>5}\n" for kind, n in c["rejected_by_reason"].items()), end="")
     print(f"{'truncated':<10}{c['truncated']:>7}  (kept, text cut to fit max_tokens)\n")
@@ -274,17 +284,17 @@ def load_tok(model_dir: Path):
                         "download it again with `python download_model.py --force`") from None
 
 
-def read_and_detect(cfg, src: Path) -> tuple[list[Item], str, tuple[str, str] | None]:
-    """Read every item and tell the task: (items, "chat" or "classification", (text_col, label_col) or None)."""
-    columns, items = read_items(src)
-    first = next((it.raw for it in live(items) if isinstance(it.raw, dict)), None)
+def read_and_detect(cfg, src: Path) -> tuple[Table, str, tuple[str, str] | None]:
+    """Read every item and tell the task: (the table, "chat" or "classification", (text_col, label_col) or None)."""
+    table = read_items(src, cfg.data.encoding, cfg.data.sheet)
+    first = next((it.raw for it in live(table.items) if isinstance(it.raw, dict)), None)
     if src.suffix.lower() in (".json", ".jsonl") and isinstance(first, dict) and "messages" in first:
-        return items, "chat", None
-    cols = (pick_column(columns, cfg.data.text_col, TEXT_NAMES, "text"),
-            pick_column(columns, cfg.data.label_col, LABEL_NAMES, "label"))
+        return table, "chat", None
+    cols = (pick_column(table.columns, cfg.data.text_col, TEXT_NAMES, "text"),
+            pick_column(table.columns, cfg.data.label_col, LABEL_NAMES, "label"))
     if cols[0] == cols[1]:
         raise DataError(f"text and label are the same column '{cols[0]}'; pick two with --text-col and --label-col")
-    return items, "classification", cols
+    return table, "classification", cols
 
 
 def run(cfg) -> dict:
@@ -299,21 +309,22 @@ def run(cfg) -> dict:
         raise DataError(f"val_ratio and test_ratio must be >= 0 and sum below 1, got {d.val_ratio} and {d.test_ratio}")
     if not src.is_file():
         raise DataError(f"input file {src} not found; set data.input or pass --input PATH")
-    items, task, cols = read_and_detect(cfg, src)  # before the tokenizer: a wrong column fails at once
-    loading = time.perf_counter()
-    tok, warnings = load_tok(cfg.resolve(cfg.model.path)), []
+    table, task, cols = read_and_detect(cfg, src)  # before the tokenizer: a wrong column fails at once
+    items, warnings, loading = table.items, list(table.warnings), time.perf_counter()
+    tok = load_tok(cfg.resolve(cfg.model.path))
     loading = time.perf_counter() - loading
     labels = prepare_classification(items, tok, cfg, cols, warnings) if cols else prepare_chat(items, tok, cfg)
     splits = split_items(live(items), lambda it: it.record.get("label", ""), d)
-    report = build_report(shown(src), task, cols, items, splits, labels, cfg, warnings)
+    report = build_report(shown(src), table, task, cols, splits, labels, cfg, warnings)
     check_accounting(items, splits)
     names = write_outputs(out, splits, items, labels, report)
     print_report(report, labels)
     seconds = time.perf_counter() - start - loading
     print(f"wrote {shown(out)}/: {', '.join(names)}\n{len(items)} items in {seconds:.2f} s, "
           f"{len(items) / seconds:.0f} items/s (+ {loading:.1f} s loading the tokenizer)")
-    log.info("prepared %s", shown(src), extra={"counts": report["counts"], "warnings": report["warnings"],
-                                            "out": str(out), "seconds": round(seconds, 3)})
+    log.info("prepared %s", shown(src), extra={"source": table.source, "counts": report["counts"],
+                                            "warnings": report["warnings"], "out": str(out),
+                                            "seconds": round(seconds, 3)})
     if not report["counts"]["kept"]:
         raise DataError(f"no item passed the checks; {shown(out / 'rejected.jsonl')} says why for each")
     return report

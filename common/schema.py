@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class ModelConfig:
     path: str
+    gpu_memory_cap_gib: float | None
 
 
 @dataclass

@@ -5,7 +5,6 @@ download, resume after a cut connection, a failed and an interrupted run finishe
 and every error a user meets (404, 401, gated, offline, no disk) as one sentence, never a traceback.
 """
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -205,13 +204,6 @@ def test_not_enough_disk_refuses_before_downloading(hub, tmp_path):
     assert re.search(r"the download needs 1000000\.\d GB but only [\d.]+ GB is free on \S+: free", proc.stderr)
     assert not hub.requests("GET", "/resolve/") and not hub.requests("GET", "/cdn/")
     assert not target.exists() or not any(target.iterdir())
-
-
-def test_modelscope_without_its_package_says_how_to_install_it(tmp_path):
-    if importlib.util.find_spec("modelscope"):  # optional, and not installed by requirements.txt
-        pytest.skip("modelscope is installed here")
-    proc = run_script("download_model.py", "--source", "modelscope", "--local-dir", str(tmp_path / "m"))
-    assert proc.returncode == 1 and "pip install modelscope" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_full_disk_and_the_file_selection(tmp_path):

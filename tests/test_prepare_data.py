@@ -79,6 +79,8 @@ def test_messy_csv_every_row_accounted_for(messy):
     assert counts["rejected_by_reason"] == {"duplicate": 1, "conflicting labels": 2, "empty text": 2,
                                             "empty label": 1, "over max_tokens": 1}
     assert "read" in proc.stdout and "items/s" in proc.stdout and "train.jsonl" in proc.stdout
+    assert report["source"] == {"format": "csv", "encoding": "utf-8-sig", "detected": True}
+    assert "news.csv (utf-8-sig, detected) -> classification" in proc.stdout
     assert report["tokens"]["max"] <= 200 and report["tokens"]["p50"] <= report["tokens"]["p90"]
 
 
@@ -184,13 +186,6 @@ def test_missing_column_names_the_columns_there(tiny_model, tmp_path):
     assert proc.returncode == 1 and "'tag' not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_gbk_file_gets_the_iconv_hint(tiny_model, tmp_path):
-    src = write_csv(tmp_path / "gbk.csv", [("今天股市大涨，沪指站上三千点。", "股市")], header=("文本", "标签"), encoding="gbk")
-    proc = prepare(tiny_model, src, tmp_path / "out")
-    assert proc.returncode == 1 and "GBK-encoded" in proc.stderr and "iconv -f GBK -t UTF-8" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 def test_missing_model_says_to_download(tmp_path):
     proc = run_script("prepare_data.py", "--model", str(tmp_path / "no-model"), "--processed-dir", str(tmp_path))
     assert proc.returncode == 1 and "download_model.py --tiny" in proc.stderr and "Traceback" not in proc.stderr
@@ -228,3 +223,144 @@ def test_chat_records_validated_and_split(tiny_model, tmp_path):
 def test_help_shows_an_example():
     proc = run_script("prepare_data.py", "--help")
     assert proc.returncode == 0 and "python prepare_data.py --input" in proc.stdout and "--overlong" in proc.stdout
+    assert "--encoding" in proc.stdout and "--sheet" in proc.stdout and ".xlsx" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- files as users have them
+REVIEWS = [("这家店的菜很好吃，服务也周到。", "正面"), ("等了一个小时才上菜，太慢了。", "负面"),
+           ("环境干净，价格实惠，还会再来。", "正面"), ("牛肉是冷的，汤也太咸。", "负面"),
+           ("老板很热情，推荐招牌鱼。", "正面"), ("卫生间很脏，体验很差。", "负面"),
+           ("分量足，味道正宗。", "正面"), ("服务员态度恶劣，不会再来。", "负面")]
+GB18030_ONLY = [("价格€128，贵了点，但𠀀字招牌菜👍值得。", "正面")]  # € is 2 bytes, 𠀀 and 👍 4: not GBK
+
+
+def kept_rows(out):
+    files, report = outputs(out)
+    return {(r["text"], r["label"]) for name in ("train", "val", "test") for r in files[name]}, report
+
+
+@pytest.mark.parametrize("encoding, name, rows", [
+    ("gbk", "reviews.csv", REVIEWS),                 # Excel's "CSV" on a Chinese Windows
+    ("utf-8-sig", "reviews.csv", REVIEWS),           # Excel's "CSV UTF-8": the BOM must not stick to 评论
+    ("gb18030", "reviews.csv", REVIEWS + GB18030_ONLY),
+    ("utf-16", "reviews.tsv", REVIEWS),              # Excel's "Unicode text": UTF-16 with a BOM, tabs
+])
+def test_chinese_csv_is_read_in_its_own_encoding(tiny_model, tmp_path, encoding, name, rows):
+    src = write_csv(tmp_path / name, rows, header=("评论", "情感"), encoding=encoding)
+    if name.endswith(".tsv"):
+        src.write_bytes(src.read_bytes().decode(encoding).replace(",", "\t").encode(encoding))
+    proc = prepare(tiny_model, src, tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    kept, report = kept_rows(tmp_path / "out")
+    assert kept == set(rows) and report["counts"]["read"] == len(rows)
+    assert report["source"] == {"format": name[-3:], "encoding": encoding, "detected": True}
+    assert report["columns"] == {"text": "评论", "label": "情感"}
+    assert f"{name} ({encoding}, detected) -> classification (text column '评论'" in proc.stdout
+
+
+BIG5 = "評論,情感\n這家店的菜很好吃，服務也周到。,正面\n等了一個小時才上菜，太慢了。,負面\n".encode("big5")
+
+
+def error_of(proc, *needles):
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and all(n in proc.stderr for n in needles), proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.parametrize("data, flags, needles", [
+    ("评论,情感\n很好,正面\n不错,正面\n".encode() + "太差了,负面\n".encode("gbk") + "还行,正面\n".encode(), (),
+     ("mixes encodings", "line 1 is UTF-8", "line 4 is not", "--encoding gb18030", "UTF-8")),
+    ("评论,情感\n很好,正面\n不错,正面\n太差了".encode("gbk") + b"\xff,\xc2\n", (),
+     ("neither UTF-8 nor GBK/GB18030", "line 4", "FF", "re-save it as UTF-8")),
+    ("评论,情感\n很好,正面\n".encode("utf-8-sig") + "太差了,负面\n".encode("gbk"), (),
+     ("utf-8-sig byte-order mark", "line 3 is not", "mixes encodings")),
+    (BIG5, (), ("decodes as GB18030", "Big5", "--encoding")),
+    ("text,label\nDer Bär äßt Käse und Müsli,gut\nÉlève très content,gut\n".encode("latin-1"), (),
+     ("decodes as GBK", "another encoding", "--encoding")),
+    ("评论\t情感\n很好\t正面\n".encode("utf-16-le"), (), ("line 1", "NUL", "UTF-16 without a byte-order mark")),
+    ("text,label\n很好,正面\n太差了,负面\n".encode("gbk"), ("--encoding", "utf-8"), ("line 2", "is not utf-8")),
+    ("评论,情感\n很好,正面\n".encode("utf-8-sig") + "太差了,负面\n".encode("gbk"), ("--encoding", "utf-8-sig"),
+     ("line 3 of bad.csv is not utf-8-sig",)),  # the codec counts offsets after the BOM; the line must not move
+    ("评论,情感\n很好,正面\n".encode("gbk"), ("--encoding", "no-such-codec"), ("unknown text encoding",)),
+], ids=["mixed", "bad-byte", "bom-then-gbk", "big5", "latin-1", "utf16-no-bom", "forced-wrong", "forced-bom",
+        "unknown-codec"])
+def test_unreadable_text_is_one_sentence_naming_the_line_and_fix(tiny_model, tmp_path, data, flags, needles):
+    (tmp_path / "bad.csv").write_bytes(data)
+    error_of(prepare(tiny_model, tmp_path / "bad.csv", tmp_path / "out", *flags), *needles)
+
+
+def test_binary_files_are_refused(tiny_model, tmp_path):
+    import random
+    soup = bytes(b for b in random.Random(0).randbytes(4000) if b)  # no NUL: it must fail as bytes, not as a NUL
+    (tmp_path / "soup.csv").write_bytes(soup)
+    error_of(prepare(tiny_model, tmp_path / "soup.csv", tmp_path / "out"), "neither UTF-8 nor GBK/GB18030")
+    workbook(tmp_path / "book.xlsx").save(tmp_path / "book.xlsx")
+    (tmp_path / "book.xlsx").rename(tmp_path / "book.csv")
+    error_of(prepare(tiny_model, tmp_path / "book.csv", tmp_path / "out"), "Excel workbook", "name it .xlsx")
+
+
+def test_forced_encoding_reads_what_auto_refuses(tiny_model, tmp_path):
+    (tmp_path / "big5.csv").write_bytes(BIG5)
+    proc = prepare(tiny_model, tmp_path / "big5.csv", tmp_path / "out", "--encoding", "big5",
+                   "--text-col", "評論", "--label-col", "情感")
+    assert proc.returncode == 0, proc.stderr
+    kept, report = kept_rows(tmp_path / "out")
+    assert kept == {("這家店的菜很好吃，服務也周到。", "正面"), ("等了一個小時才上菜，太慢了。", "負面")}
+    assert report["source"] == {"format": "csv", "encoding": "big5", "detected": False}
+    assert "(big5, as data.encoding says)" in proc.stdout
+
+
+def workbook(path, first_rows=None):
+    """Sheet 1 '评论数据': a header, reviews, a number, an empty row, a date, a duplicate; sheet 2 '其他'."""
+    import datetime
+
+    import openpyxl
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.title = "评论数据"
+    for row in first_rows or [(" 评论 ", "情感"), *REVIEWS[:4], (), (12345, "负面"), (None, "正面"),
+                              (datetime.datetime(2024, 1, 2), None), REVIEWS[0]]:
+        ws.append(row)
+    wb.create_sheet("其他").append(["text", "label"])
+    wb["其他"].append(["第二张表的评论。", "正面"])
+    return wb
+
+
+def test_xlsx_rows_become_items_on_their_excel_rows(tiny_model, tmp_path):
+    workbook(tmp_path / "r.xlsx").save(tmp_path / "r.xlsx")
+    proc = prepare(tiny_model, tmp_path / "r.xlsx", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    kept, report = kept_rows(tmp_path / "out")
+    assert kept == {*REVIEWS[:4], ("12345", "负面")}  # row 6 is empty: no item; a number is its text
+    assert report["source"] == {"format": "xlsx", "sheet": "评论数据"} and report["columns"]["text"] == "评论"
+    assert report["counts"]["read"] == 8 and "r.xlsx (sheet '评论数据') -> classification" in proc.stdout
+    rejected = {r["line"]: r for r in outputs(tmp_path / "out")[0]["rejected"]}
+    assert {line: r["reason"] for line, r in rejected.items()} == {
+        8: "empty text", 9: "empty label", 10: "duplicate of line 2"}
+    assert rejected[9]["item"] == {"评论": "2024-01-02T00:00:00", "情感": None}  # a date cell, as JSON can hold it
+
+
+def test_xlsx_sheet_by_number_or_name(tiny_model, tmp_path):
+    from common.reading import read_items
+    workbook(tmp_path / "r.xlsx").save(tmp_path / "r.xlsx")
+    proc = prepare(tiny_model, tmp_path / "r.xlsx", tmp_path / "out", "--sheet", "2", "--encoding", "gbk")
+    assert proc.returncode == 0, proc.stderr
+    kept, report = kept_rows(tmp_path / "out")
+    assert kept == {("第二张表的评论。", "正面")} and report["source"]["sheet"] == "其他"
+    assert any("data.encoding 'gbk' applies to text files only" in w for w in report["warnings"])
+    assert read_items(tmp_path / "r.xlsx", "auto", "其他").source["sheet"] == "其他"
+    error_of(prepare(tiny_model, tmp_path / "r.xlsx", tmp_path / "out", "--sheet", "3"),
+             "no sheet '3'", "1 '评论数据', 2 '其他'", "--sheet")
+
+
+def test_xlsx_problems_are_one_sentence(tiny_model, tmp_path):
+    wb = workbook(None, [("2024 年评论汇总",), *REVIEWS[:2]])  # a title row above the data, merged over A:B
+    wb.active.merge_cells("A1:B1")
+    wb.save(tmp_path / "title.xlsx")
+    error_of(prepare(tiny_model, tmp_path / "title.xlsx", tmp_path / "out"),
+             "column B has a value in row 2 but no name in the header, row 1", "merged")
+    good = tmp_path / "title.xlsx"
+    (tmp_path / "cut.xlsx").write_bytes(good.read_bytes()[:1500])
+    error_of(prepare(tiny_model, tmp_path / "cut.xlsx", tmp_path / "out"), "cannot read cut.xlsx as an Excel workbook")
+    (tmp_path / "locked.xlsx").write_bytes(bytes.fromhex("D0CF11E0A1B11AE1") + bytes(504))  # the OLE header
+    error_of(prepare(tiny_model, tmp_path / "locked.xlsx", tmp_path / "out"), "password-protected", "Save As .xlsx")
