@@ -16,30 +16,15 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import requests
 
+from common.bench import machine, pct, timed_pool
 from common.cli import stage_parser
 from common.config import ROOT, load_config
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def chat_body(model: str, messages: list[dict], max_tokens: int, plain: bool, exact: bool = True) -> dict:
@@ -72,13 +57,6 @@ def load_run(url: str, model: str, texts: list[str], concurrency: int, n: int, m
 
 
 # ----------------------------------------------------------------------------- classification
-def timed_pool(fn, jobs: list, concurrency: int) -> tuple[list, float]:
-    t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(concurrency) as pool:
-        out = list(pool.map(fn, jobs))
-    return out, time.perf_counter() - t0
-
-
 def classify_rows(url: str, model: str, items: list[dict], labels: list[str], headers, plain: bool,
                   concurrency: int) -> list[dict]:
     """Generating the label through the trained prompt; unless plain, /v1/classify 1 and 32 texts a call."""

@@ -30,6 +30,7 @@ from common.config import ConfigError, UserError
 from common.data import held_out_records, read_labels
 from common.loading import (
     adapter_base_path,
+    cap_gpu_memory,
     fitting_device,
     free_memory,
     is_adapter_dir,
@@ -181,7 +182,8 @@ def run(cfg, force: bool = False) -> dict:
         raise ConfigError(f"{target} exists; pass --force to replace it")
     method = training_method(adapter)
     explain_method(method)
-    device = fitting_device(base)
+    cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
+    device = fitting_device(base, cfg.model.gpu_memory_cap_gib)
     tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base)
     labels = read_labels(adapter, cfg.resolve(cfg.data.processed_dir))
     prompts, source = verify_prompts(cfg, tokenizer, labels, m.verify_items)

@@ -28,7 +28,7 @@ import torch
 from common.cli import add_force, run_stage
 from common.config import ConfigError, UserError
 from common.data import held_out_records, read_labels
-from common.loading import fitting_device, free_memory, load_model, load_tokenizer
+from common.loading import cap_gpu_memory, fitting_device, free_memory, load_model, load_tokenizer
 from common.model_files import check_model_dir, copy_extras, newest_merged, save_atomically, write_manifest
 from common.prompts import probe_records, records_prompt_ids
 from common.scoring import score_label_ids
@@ -118,8 +118,9 @@ def quantize_into(tmp: Path, source: Path, bits: int, head: bool, device: str, a
     return {"quantize_load_s": quantize_load_s, "copy_load_s": copy_load_s, "layers": layers, "picked": picked}
 
 
-def sixteen_bit_answers(source: Path, tokenizer, prompts: list[list[int]], labels: list[str]) -> list[int]:
-    device = fitting_device(source)
+def sixteen_bit_answers(source: Path, tokenizer, prompts: list[list[int]], labels: list[str],
+                        cap_gib: float | None = None) -> list[int]:
+    device = fitting_device(source, cap_gib)
     model = load_model(source, device=device).eval()
     picked = answer(model, tokenizer, prompts, labels)
     del model
@@ -142,6 +143,7 @@ def run(cfg, force: bool = False) -> dict:
     if q.lm_head not in ("quantized", "16bit"):
         raise ConfigError(f"quantize.lm_head must be quantized or 16bit, got '{q.lm_head}'")
     source = find_source(cfg)
+    cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
     mode, suffix, _ = MODES[q.bits]
     tied = json.loads((source / "config.json").read_text(encoding="utf-8")).get("tie_word_embeddings", False)
     head = q.lm_head == "quantized" and not tied
@@ -159,7 +161,8 @@ def run(cfg, force: bool = False) -> dict:
     def write(tmp: Path) -> None:
         # The 16-bit answers first: this load also pays the process's one-time set-up (~2 s), so the two
         # timed loads below compare loading, not importing.
-        reference = sixteen_bit_answers(source, tokenizer, prompts, labels) if items else []
+        cap = cfg.model.gpu_memory_cap_gib
+        reference = sixteen_bit_answers(source, tokenizer, prompts, labels, cap) if items else []
         figures.update(quantize_into(tmp, source, q.bits, head, device, lambda m: answer(m, tokenizer, prompts, labels)))
         if items:
             figures.update(agreement(figures["picked"], reference, [labels.index(r["label"]) for r in items]),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import requests
 
+from common.bench import pct
 from common.cli import stage_parser
 from common.config import ROOT
 
@@ -42,11 +43,6 @@ class Api:
 
     def post(self, path: str, body: dict, **kw):
         return self.s.post(self.url + path, json=body, timeout=self.timeout, **kw)
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def check_health(api: Api) -> Result:

@@ -16,6 +16,7 @@ import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a noti
 
 import dataclasses
 import json
+from dataclasses import asdict
 import logging
 import math
 import os
@@ -32,10 +33,12 @@ from common.batching import left_pad, position_ids
 from common.cli import run_stage
 from common.config import ConfigError
 from common.data import LABELS_FILE, data_hash, load_splits, read_labels
-from common.loading import TRAIN_METHODS, load_tokenizer, pick_device, pick_dtype, quantization_config
+from common.loading import (TRAIN_METHODS, cap_gpu_memory, gpu_free_bytes, load_tokenizer, pick_device, pick_dtype,
+                            quantization_config)
 from common.memory import model_shape, training_fit
 from common.metrics import classification_metrics
 from common.prompts import IGNORE_INDEX, classification_ids, encode_records
+from common.health import make_monitor
 from common.provenance import run_provenance
 from common.scoring import score_label_ids
 
@@ -69,8 +72,10 @@ def make_trainer_class():
     class AnswerOnlyTrainer(Trainer):
         """Loss over the answer positions only, and label-scoring metrics at each evaluation."""
 
-        def __init__(self, *args, val_records=None, labels=None, prompt_cfg=None, eval_batch_size=8, **kw):
+        def __init__(self, *args, val_records=None, labels=None, prompt_cfg=None, eval_batch_size=8, health=None,
+                     **kw):
             super().__init__(*args, **kw)
+            self.health = health  # common/health.py's monitor: what the predictions say, at each evaluation
             self.model_accepts_loss_kwargs = False  # mean loss per micro-batch; Trainer scales for accumulation
             self.val_records, self.label_set, self.prompt_cfg = val_records or [], labels or [], prompt_cfg
             self.score_batch_size = eval_batch_size
@@ -99,8 +104,10 @@ def make_trainer_class():
             self.model.eval()
             scores = score_label_ids(self.model, tok, prompts, self.label_set, self.score_batch_size)
             self.model.train(was_training)
-            predicted = [self.label_set[i] for i in scores.best()[0]]
-            m = classification_metrics([r["label"] for r in self.val_records], predicted, self.label_set)
+            predicted, truth = [self.label_set[i] for i in scores.best()[0]], [r["label"] for r in self.val_records]
+            m = classification_metrics(truth, predicted, self.label_set)
+            if self.health is not None:
+                self.health.predictions(truth, predicted, self.label_set, m["macro_f1"], self.state.global_step)
             return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
     return AnswerOnlyTrainer
@@ -129,7 +136,7 @@ def build_model(model_path: Path, tcfg, device: str):
     return get_peft_model(model, lora)
 
 
-def check_memory(model_path: Path, tcfg, encoded: list[dict], device: str) -> str:
+def check_memory(model_path: Path, tcfg, encoded: list[dict], device: str, cap_gib: float | None) -> str:
     """Estimate the peak of the longest batch; on a GPU, refuse a run that cannot fit, saying what would."""
     shape = model_shape(model_path)
     seq = max(len(e["input_ids"]) for e in encoded)
@@ -138,7 +145,7 @@ def check_memory(model_path: Path, tcfg, encoded: list[dict], device: str) -> st
     text = f"memory estimate for {tcfg.method}, batch {tcfg.batch_size} x {seq} tokens: {fit.describe()}"
     if device != "cuda":
         return text
-    free = torch.cuda.mem_get_info()[0] / 1024**3
+    free = gpu_free_bytes(cap_gib) / 1024**3
     if fit.total <= free:
         return f"{text} (free {free:.1f} GiB)"
     if tcfg.method == "lora":
@@ -255,10 +262,11 @@ def make_trainer(cfg, model, tokenizer, splits, encoded, labels, run_dir: Path, 
     val_sample = random.Random(t.seed).sample(splits["val"], min(t.eval_max_items, len(splits["val"]))) \
         if labels else []
     stopping = [EarlyStoppingCallback(t.early_stopping_patience)] if t.early_stopping_patience > 0 else []
+    health = make_monitor()
     return make_trainer_class()(
         model=model, args=training_arguments(cfg, run_dir, device, bool(labels)), train_dataset=encoded["train"],
         eval_dataset=encoded["val"], data_collator=LeftPadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, callbacks=[make_log_callback(), *stopping],
+        processing_class=tokenizer, callbacks=[make_log_callback(), health, *stopping], health=health,
         val_records=val_sample, labels=labels, prompt_cfg=cfg.prompt, eval_batch_size=t.eval_batch_size)
 
 
@@ -276,13 +284,14 @@ def run(cfg, resume: bool = False, force: bool = False) -> dict:
     """Train the adapter config.yaml's train section describes; returns the run's figures."""
     t, device = cfg.train, pick_device()
     seed_everything(t)
+    cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
     model_path, processed = check_settings(cfg)
     run_dir, resume_from = run_paths(cfg, resume, force)
     splits = load_splits(processed, ("train", "val"))
     labels = read_labels(processed)
     tokenizer = load_tokenizer(model_path)
     encoded = {s: encode_records(tokenizer, recs, labels, cfg.prompt) for s, recs in splits.items()}
-    log.info(check_memory(model_path, t, encoded["train"], device))
+    log.info(check_memory(model_path, t, encoded["train"], device, cfg.model.gpu_memory_cap_gib))
     if resume_from is None and run_dir.exists():
         shutil.rmtree(run_dir)  # --force, checked in run_paths
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.resolve(cfg.logging.dir) / "tensorboard" / run_dir.name))
@@ -301,13 +310,15 @@ def run(cfg, resume: bool = False, force: bool = False) -> dict:
         "padding_ratio": round(trainer.data_collator.padding_ratio, 4), "trainable_parameters": n_train,
         "peak_memory_gib": round(peak_memory_gib(device), 2), "device": device,
         "provenance": run_provenance(cfg, processed, model_path, device, str(pick_dtype(device)).removeprefix("torch.")),
+        "health": [asdict(f) for f in trainer.health.findings],
+        "ended_degenerate": [asdict(f) for f in trainer.health.ended_degenerate()],
     }
     if trainer.is_world_process_zero():
         save_run(trainer, run_dir, cfg, processed, figures)
     return figures | {"run_dir": str(run_dir)}
 
 
-def report(figures: dict) -> int:
+def report(figures: dict, strict: bool = False) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate/torchrun, rank 0 reports for all
         return 0
     ev = figures["final_eval"]
@@ -318,17 +329,25 @@ def report(figures: dict) -> int:
           f"padding {100 * figures['padding_ratio']:.1f}%, peak memory {figures['peak_memory_gib']:.2f} GiB")
     print(f"best on val: {score} ({figures['best_checkpoint']})")
     print(f"wrote {figures['run_dir']}/ (adapter, tokenizer, labels.json, config.resolved.yaml, train_info.json)")
-    return 0 if not math.isnan(ev.get("eval_loss", 0.0)) else 1
+    degenerate = figures["ended_degenerate"]
+    for f in degenerate:
+        print(f"WARNING: this run ended degenerate: {f['finding']} (step {f['step']}). Likely: {f['cause']}. "
+              f"Fix: {f['fix']}")
+    if degenerate or math.isnan(ev.get("eval_loss", 0.0)):
+        return 1 if strict or math.isnan(ev.get("eval_loss", 0.0)) else 0
+    return 0
 
 
 def add_args(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     parser.add_argument("--force", action="store_true", help="replace an existing run directory")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when the run ends degenerate (health findings)")
 
 
 def main(argv=None) -> int:
-    return run_stage("train_qwen", __doc__, lambda cfg, args: run(cfg, args.resume, args.force), section="train",
-                     model_help="base model directory", add_args=add_args, report=report, argv=argv)
+    return run_stage("train_qwen", __doc__, lambda cfg, a: {**run(cfg, a.resume, a.force), "strict": a.strict},
+                     section="train", model_help="base model directory", add_args=add_args,
+                     report=lambda figures: report(figures, figures["strict"]), argv=argv)
 
 
 if __name__ == "__main__":

@@ -167,14 +167,30 @@ def load_model(path: str | Path, quantization: str = "none", device: str | None 
     return model
 
 
-def fitting_device(model_dir: Path) -> str:
+def cap_gpu_memory(cap_gib: float | None) -> None:
+    """model.gpu_memory_cap_gib: this process may allocate at most that much of the GPU (a 10 GB card's
+    budget on a bigger one). A no-op without a GPU or a cap."""
+    if cap_gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(cap_gib * 1024**3 / total, 1.0))
+
+
+def gpu_free_bytes(cap_gib: float | None = None) -> int:
+    """What this process can still allocate on the GPU: the device's free memory, within the cap."""
+    free = torch.cuda.mem_get_info()[0]
+    if cap_gib:
+        free = min(free, int(cap_gib * 1024**3) - torch.cuda.memory_reserved())
+    return max(free, 0)
+
+
+def fitting_device(model_dir: Path, cap_gib: float | None = None) -> str:
     """pick_device(), but the CPU when the 16-bit weights (+20%) do not fit the GPU's free memory:
     Qwen3-8B is 16.4 GB in bf16 and a 10 GB card cannot hold it; the CPU merges it in fp32 (~33 GB RAM)."""
     device = pick_device()
     if device != "cuda":
         return device
     need = 1.2 * sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    free = torch.cuda.mem_get_info()[0]
+    free = gpu_free_bytes(cap_gib)
     if need <= free:
         return device
     print(f"note: {model_dir.name} needs ~{need / 2**30:.1f} GiB in 16-bit and the GPU has {free / 2**30:.1f} GiB "

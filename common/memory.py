@@ -178,14 +178,14 @@ def card_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
 
 
-def kv_budget(cfg: dict, serve, device: str) -> tuple[int, str]:
+def kv_budget(cfg: dict, serve, device: str, cap_gib: float | None = None) -> tuple[int, str]:
     """(KV-cache tokens the engine may reserve, where the number comes from). On a GPU: what is free once
     the model is loaded, less the prefill's activations and a margin; on a CPU: what the limits need."""
     if serve.kv_budget_tokens:
         return serve.kv_budget_tokens, "serve.kv_budget_tokens"
     if device == "cuda":
-        import torch
-        free = torch.cuda.mem_get_info()[0]
+        from common.loading import gpu_free_bytes
+        free = gpu_free_bytes(cap_gib)
         reserve = prefill_activation_bytes(cfg, serve.max_prefill_tokens) + int(KV_MARGIN_GIB * GIB)
         tokens = max(int((free - reserve) // kv_bytes_per_token(cfg)), 0)
         return tokens, f"{free / GIB:.2f} GiB free after loading, less {reserve / GIB:.2f} GiB for prefill"

@@ -1,0 +1,125 @@
+"""Training health, in plain words: what a run that learned nothing, or broke, looks like, found while it
+trains, each finding with its likely cause and the fix.
+
+A model can reach the end of its steps having learned nothing: every prediction one class, macro-F1 at
+the majority-class baseline, the "best" checkpoint the first one. train_qwen.py runs this monitor as a
+Trainer callback, logs each finding once as a WARN line, records them in train_info.json ("health"),
+and says so in its last lines when the run ends degenerate (`--strict`: exit 1).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+LEARNING = ("learning rate too high (or too low to move in these steps), too few steps, a class imbalance, "
+            "or labels the prompt cannot tell apart")
+
+
+@dataclass
+class Finding:
+    kind: str      # one_class | skewed | at_baseline | nan_loss | no_progress | exploding_grads
+    finding: str
+    cause: str
+    fix: str
+    step: int = 0
+    level: str = "warn"
+
+    def line(self) -> str:
+        return f"step {self.step}: {self.finding}. Likely: {self.cause}. Fix: {self.fix}"
+
+
+def majority_baseline(truth: list[str], labels: list[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 of always answering the most frequent label (macro over the labels present)."""
+    counts = Counter(truth)
+    share = counts.most_common(1)[0][1] / len(truth) if truth else 0.0
+    present = [label for label in labels if counts[label]]
+    return {"accuracy": share, "macro_f1": (2 * share / (1 + share)) / max(len(present), 1) if truth else 0.0}
+
+
+def prediction_findings(truth: list[str], predicted: list[str], labels: list[str], macro_f1: float,
+                        step: int) -> list[Finding]:
+    """What the predictions on held-out items say about a classifier."""
+    found, pred, true = [], Counter(predicted), Counter(truth)
+    base = majority_baseline(truth, labels)["macro_f1"]
+    top, n = pred.most_common(1)[0], len(predicted)
+    if len(pred) == 1 and len(true) > 1:
+        found.append(Finding("one_class", f"every prediction is '{top[0]}'", LEARNING,
+                             "check labels.json and a few prepared examples; try a lower learning rate or more steps"))
+    elif sum(abs(pred[label] - true[label]) for label in labels) / (2 * n) > 0.5:
+        found.append(Finding("skewed", f"{top[1] / n:.0%} of the predictions are '{top[0]}', far from the labels' "
+                                       f"own distribution", LEARNING,
+                             "balance the classes or train longer; compare the per-class recall in evaluate_model.py"))
+    if len(true) > 1 and macro_f1 <= base + 0.02:
+        found.append(Finding("at_baseline", f"macro-F1 {macro_f1:.3f} is not above the majority-class baseline "
+                                            f"{base:.3f}", LEARNING, "the model has learned nothing yet: see above"))
+    for f in found:
+        f.step = step
+    return found
+
+
+def loss_finding(losses: list[float], step: int, patience: int = 3) -> Finding | None:
+    """Validation loss that has not gone down over the last `patience` evaluations."""
+    if len(losses) <= patience or min(losses[-patience:]) < min(losses[:-patience]) * 0.995:
+        return None
+    return Finding("no_progress", f"the validation loss has not gone down over the last {patience} evaluations "
+                                  f"(best {min(losses):.4f}, now {losses[-1]:.4f})",
+                   "a learning rate too high (it bounces) or too low (it crawls), or a model that already "
+                   "learned what the data holds", "lower train.learning_rate 3-10x, or stop earlier", step)
+
+
+def grad_finding(norms: list[float], step: int) -> Finding | None:
+    """A gradient norm that is not finite, or 10x the median of the ones before it."""
+    if not norms:
+        return None
+    last, earlier = norms[-1], sorted(norms[:-1])
+    if math.isfinite(last) and (len(earlier) < 3 or last <= 10 * earlier[len(earlier) // 2]):
+        return None
+    return Finding("exploding_grads", f"the gradient norm jumped to {last:.3g}", "a learning rate too high, or fp16 "
+                   "overflow", "lower train.learning_rate; on a GPU without bf16 keep gradient clipping on", step)
+
+
+def make_monitor():
+    """The Trainer callback (built lazily: transformers is heavy to import for --help)."""
+    from transformers import TrainerCallback
+
+    class HealthMonitor(TrainerCallback):
+        def __init__(self):
+            self.findings: list[Finding] = []  # every finding, in order
+            self.latest: list[Finding] = []    # from the latest evaluation: what the run ends with
+            self.losses: list[float] = []
+            self.norms: list[float] = []
+
+        def note(self, found: list[Finding]) -> None:
+            import logging
+            seen = {(f.kind, f.finding) for f in self.findings}
+            for f in found:
+                if (f.kind, f.finding) not in seen:
+                    logging.getLogger("train_qwen").warning("training health: %s", f.line(), extra=asdict(f))
+                self.findings.append(f)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                control.should_training_stop = True  # nothing a NaN run does after this is worth the time
+                self.note([Finding("nan_loss", f"the training loss is {loss}", "fp16 overflow, or a learning rate "
+                                   "so high the weights blew up", "lower train.learning_rate; use bf16 or fp32",
+                                   state.global_step, "error")])
+            if (logs or {}).get("grad_norm") is not None:
+                self.norms.append(float(logs["grad_norm"]))
+                self.note([f for f in [grad_finding(self.norms, state.global_step)] if f])
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if metrics and metrics.get("eval_loss") is not None:
+                self.losses.append(float(metrics["eval_loss"]))
+                self.note([f for f in [loss_finding(self.losses, state.global_step)] if f])
+
+        def predictions(self, truth, predicted, labels, macro_f1, step) -> None:
+            self.latest = prediction_findings(truth, predicted, labels, macro_f1, step)
+            self.note(self.latest)
+
+        def ended_degenerate(self) -> list[Finding]:
+            """What the run ends with: the latest evaluation's findings, and a loss that went NaN."""
+            return self.latest + [f for f in self.findings if f.kind == "nan_loss"]
+
+    return HealthMonitor()

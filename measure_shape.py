@@ -1,0 +1,298 @@
+"""Measure the toolkit's real code paths on a model of a published shape, with random weights, under a GPU
+memory cap: the 8B's memory and speed depend on its architecture, not on its trained values.
+
+    python measure_shape.py --shape qwen3-8b --gpu-memory-gib 10             # on a GPU box: every part
+    python measure_shape.py --shape qwen3-8b --gpu-memory-gib 10 --only serve # one part (each fits 10 minutes)
+    python measure_shape.py --shape tiny --prompt-tokens 64 --new-tokens 8 --train-steps 2   # the CPU check
+
+Builds the shape once (Qwen3 config, random weights, the tiny model's real tokenizer and chat template)
+in models/shape-<name>/ and reuses it; then, each through the toolkit's own scripts, with
+QWEN_PROFILE=none (the 8B's settings) and model.gpu_memory_cap_gib = --gpu-memory-gib:
+  serve  start_production.sh in 8-bit, then 4-bit: time to first token of a --prompt-tokens prompt,
+         decode tokens/s with 1 and 3 requests (prompt + --new-tokens each), a burst of 13, label scoring
+         items/s, peak GPU memory from /stats
+  train  train_qwen.py, QLoRA with the config's r, batch and length, for --train-steps steps on examples
+         of data.max_tokens tokens: peak memory, tokens/s
+  merge  where merge_lora.py would merge this shape (the GPU if its 16-bit weights fit, else the CPU);
+         --run-merge also runs it on the adapter the train part wrote
+Writes measure-<shape>.json and .md to --output-dir, each figure beside verify_setup's estimate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from common.bench import free_port, machine, timed_pool
+from common.cli import run_stage
+from common.config import ROOT, UserError
+
+SHAPES = {"qwen3-8b": "Qwen3-8B", "qwen3-4b": "Qwen3-4B", "qwen3-14b": "Qwen3-14B"}
+LABELS = ["正面", "负面"]
+
+
+# ----------------------------------------------------------------------------- the model of that shape
+def shape_config(name: str, cfg) -> dict:
+    from common.memory import QWEN3_SHAPES
+    if name == "tiny":
+        t = cfg.tiny
+        return dict(QWEN3_SHAPES["Qwen3-8B"], hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                    num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                    num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim)
+    if name not in SHAPES:
+        raise UserError(f"--shape must be tiny or one of {', '.join(SHAPES)}, got '{name}'")
+    return dict(QWEN3_SHAPES[SHAPES[name]])
+
+
+def build_shape(name: str, cfg, target: Path) -> Path:
+    """`target` (models/shape-<name>/): random bf16 weights (std 0.02, norms 1) and the tiny model's
+    tokenizer; built once, then reused."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    from common.model_files import MANIFEST, save_atomically, write_manifest
+    from common.tiny_qwen import build_qwen_tokenizer
+    if (target / MANIFEST).is_file():
+        return target
+    config = AutoConfig.for_model(**{**shape_config(name, cfg), "bos_token_id": 151643, "eos_token_id": 151645,
+                                     "pad_token_id": 151643})
+    print(f"building {target}: {config.num_hidden_layers} layers x {config.hidden_size}", flush=True)
+    with no_init_weights():  # the normal init of 8B parameters takes minutes; these draws take seconds
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=generator) if p.dim() > 1 else p.fill_(1.0)
+
+    def write(tmp: Path) -> None:
+        model.generation_config = GenerationConfig(eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=False)
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        build_qwen_tokenizer().save_pretrained(tmp)
+        write_manifest(tmp, source="measure_shape", shape=name, weights="random normal(0, 0.02), seed 0")
+    save_atomically(target, write, force=True)
+    return target
+
+
+# ----------------------------------------------------------------------------- serving
+def prompt_of(tokenizer, tokens: int) -> list[dict]:
+    """A user message whose chat prompt is at most `tokens` tokens, as close as whole characters get."""
+    from common.prompts import prompt_ids
+    def length(text: str) -> int:
+        return len(prompt_ids(tokenizer, [{"role": "user", "content": text}]))
+    text = ""
+    for unit in ("市场今日小幅波动，成交量温和。", "。"):
+        while length(text + unit) <= tokens:
+            text += unit
+    return [{"role": "user", "content": text}]
+
+
+def serve(model_dir: Path, logs: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """start_production.sh on a free port; waits for /health (loading an 8B takes minutes)."""
+    port = free_port()
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith("QWEN_")}, "PORT": str(port),
+            "HOST": "127.0.0.1", "MODEL_PATH": str(model_dir), "LOGS_DIR": str(logs), "PYTHON": sys.executable,
+            "QWEN_SERVE_RATE_LIMITS": "100000/minute", "QWEN_SERVE_GLOBAL_RATE_LIMIT": "100000/minute", **env}
+    logs.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["bash", str(ROOT / "start_production.sh")], cwd=ROOT, env=full,
+                            stdout=open(logs / "server.txt", "w"), stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"the server exited: see {logs / 'server.txt'}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise UserError(f"the server did not load within 15 minutes: see {logs / 'server.txt'}")
+
+
+def streamed(url: str, messages: list[dict], new_tokens: int) -> tuple[float, float]:
+    """(time to first token, decode tokens/s after it) of one streamed request."""
+    body = {"messages": messages, "max_tokens": new_tokens, "ignore_eos": True, "stream": True, "temperature": 0}
+    t0, first = time.perf_counter(), None
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=1800) as r:
+        r.raise_for_status()
+        for line in r.iter_lines(decode_unicode=True):
+            if first is None and line.startswith("data: ") and '"content"' in line and '"role"' not in line:
+                first = time.perf_counter()
+    return first - t0, (new_tokens - 1) / max(time.perf_counter() - first, 1e-9)
+
+
+def serving_figures(url: str, messages: list[dict], args) -> dict:
+    """TTFT and decode rate alone and three at once, a burst of 13, label scoring: the server's own figures."""
+    ttft, alone = streamed(url, messages, args.new_tokens)
+    three, wall = timed_pool(lambda _: streamed(url, messages, args.new_tokens), range(3), 3)
+    burst = {"messages": messages, "max_tokens": args.burst_new_tokens, "ignore_eos": True}
+    codes, burst_s = timed_pool(lambda _: requests.post(url + "/v1/chat/completions", json=burst,
+                                                        timeout=1800).status_code, range(13), 13)
+    texts = [messages[0]["content"][:24]] * 32  # short: scoring is about the prompt pass, not its length
+    _, score_s = timed_pool(lambda _: requests.post(url + "/v1/classify", json={"text": texts, "labels": LABELS},
+                                                    timeout=600).raise_for_status(), range(2), 1)
+    stats = requests.get(url + "/stats", timeout=30).json()
+    return {"ttft_s": round(ttft, 3), "decode_tokens_per_s_1": round(alone, 1),
+            "decode_tokens_per_s_3": round(3 * args.new_tokens / wall, 1), "ttft_s_3": round(max(t for t, _ in three), 3),
+            "burst_13": {str(c): codes.count(c) for c in sorted(set(codes))}, "burst_seconds": round(burst_s, 1),
+            "classify_items_per_s": round(64 / score_s, 1), "memory": stats.get("memory"),
+            "engine": {k: stats.get("engine", {}).get(k) for k in ("kv_budget_tokens", "peak_kv_tokens_reserved",
+                                                                    "peak_running", "effective_concurrency")}}
+
+
+def serve_part(model_dir: Path, args, out: Path) -> dict:
+    from common.loading import load_tokenizer
+    messages = prompt_of(load_tokenizer(model_dir), args.prompt_tokens)
+    results = {}
+    for quant in ("8bit", "4bit"):
+        proc, url = serve(model_dir, out / f"serve-{quant}", {**args.env, "QUANTIZATION": quant})
+        try:
+            results[quant] = serving_figures(url, messages, args)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+    return results
+
+
+# ----------------------------------------------------------------------------- training and merging
+def synthetic_data(tokenizer, out: Path, tokens: int, n: int = 64) -> Path:
+    """Prepared classification data whose examples are about `tokens` long (the batch length to measure)."""
+    processed = out / "processed"
+    processed.mkdir(parents=True, exist_ok=True)
+    text = prompt_of(tokenizer, max(tokens - 80, 8))[0]["content"]  # leave room for the system prompt and label
+    rows = [json.dumps({"text": f"{i}{text}", "label": LABELS[i % 2]}, ensure_ascii=False) for i in range(n)]
+    for split in ("train", "val", "test"):
+        (processed / f"{split}.jsonl").write_text("\n".join(rows[:n if split == "train" else 8]) + "\n")
+    (processed / "labels.json").write_text(json.dumps({"task": "classification", "labels": LABELS}))
+    return processed
+
+
+def train_part(model_dir: Path, args, out: Path) -> dict:
+    from common.config import load_config
+    from common.loading import load_tokenizer
+    cfg = load_config(profile="none", use_env=False)
+    processed = synthetic_data(load_tokenizer(model_dir), out, cfg.data.max_tokens)
+    cmd = [sys.executable, str(ROOT / "train_qwen.py"), "--model", str(model_dir), "--set",
+           f"data.processed_dir={processed}", "--runs-dir", str(out / "runs"), "--run-name", "qlora", "--force",
+           "--max-steps", str(args.train_steps), "--eval-steps", "100000", "--save-steps", "100000",
+           "--report-to", "[]", "--eval-max-items", "4"]
+    import torch
+    if not torch.cuda.is_available():  # the config's paged 8-bit Adam needs CUDA; this is the CPU check
+        cmd += ["--optimizer", "adamw_torch_fused"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("QWEN_")}, **args.env}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    (out / "train.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "log": str(out / "train.txt")}
+    info = json.loads((out / "runs" / "qlora" / "train_info.json").read_text())
+    return {k: info[k] for k in ("method", "peak_memory_gib", "tokens_per_second", "train_seconds", "device")} | \
+        {"batch": cfg.train.batch_size, "tokens_per_example": cfg.data.max_tokens, "steps": info["global_step"]}
+
+
+def merge_part(model_dir: Path, args, out: Path) -> dict:
+    from common.loading import fitting_device
+    device = fitting_device(model_dir, args.gpu_memory_gib)
+    found = {"device": device, "weights_gb": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+                                                   / 1e9, 2)}
+    adapter = out / "runs" / "qlora"
+    if args.run_merge and (adapter / "train_info.json").is_file():
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), "--adapter", str(adapter), "--output",
+                               str(out / "merged"), "--force", "--tolerance", "0.1"], cwd=ROOT,
+                              env={**os.environ, **args.env}, capture_output=True, text=True)
+        found |= {"merged": proc.returncode == 0, "seconds": round(time.time() - t0, 1),
+                  "output": (proc.stdout or proc.stderr).strip().splitlines()[-1:]}
+    return found
+
+
+# ----------------------------------------------------------------------------- estimates and the report
+def estimates(name: str, cfg, card_gib: float | None) -> dict:
+    """verify_setup's figures for this shape, so each measurement stands beside its estimate."""
+    from common.config import load_config
+    from common.memory import Placement, choose_placement, serving_fit, training_fit
+    plain = load_config(profile="none", use_env=False)
+    shape = shape_config(name, cfg)
+    out = {}
+    for quant in ("8bit", "4bit"):
+        placement = choose_placement(shape, quant, plain.serve, card_gib) if card_gib else Placement(quant)
+        fit = serving_fit(shape, placement, plain.serve)
+        out[f"serve_{quant}"] = {"weights_gib": round(fit.weights_gpu, 2), "total_gib": round(fit.total, 2),
+                                 "placement": placement.__dict__}
+    train = training_fit(shape, "4bit", plain.train, plain.data.max_tokens, 4)
+    out["train_qlora_gib"] = round(train.total, 2)
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows = [f"# {result['shape']} with random weights, GPU memory cap {result['gpu_memory_gib']} GiB",
+            "", f"{result['machine']}; {result['date']}", "", "| part | figure | measured | estimate |",
+            "| --- | --- | --- | --- |"]
+    est = result.get("estimates", {})
+    for quant, s in result.get("serve", {}).items():
+        mem = s.get("memory") or {}
+        peak = mem.get("peak_allocated_gib", mem.get("rss_gib"))
+        rows += [f"| serve {quant} | peak memory (GiB) | {peak} | {est.get(f'serve_{quant}', {}).get('total_gib')} |",
+                 f"| serve {quant} | time to first token | {s['ttft_s']} s | |",
+                 f"| serve {quant} | decode tokens/s, 1 / 3 requests | {s['decode_tokens_per_s_1']} / "
+                 f"{s['decode_tokens_per_s_3']} | |",
+                 f"| serve {quant} | burst of 13 | {s['burst_13']} in {s['burst_seconds']} s | |",
+                 f"| serve {quant} | label scoring | {s['classify_items_per_s']} items/s | |"]
+    if "train" in result:
+        t = result["train"]
+        rows.append(f"| train qlora | peak memory (GiB), tokens/s | {t.get('peak_memory_gib')}, "
+                    f"{t.get('tokens_per_second')} | {est.get('train_qlora_gib')} |")
+    if "merge" in result:
+        rows.append(f"| merge | where it runs | {result['merge']['device']} | |")
+    return "\n".join(rows) + "\n"
+
+
+def run(cfg, args) -> dict:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args.env = {"QWEN_PROFILE": "none", "QWEN_SERVE_MAX_PROMPT_TOKENS": str(max(args.prompt_tokens, 512)),
+                **({"QWEN_MODEL_GPU_MEMORY_CAP_GIB": str(args.gpu_memory_gib)} if args.gpu_memory_gib else {})}
+    model_dir = build_shape(args.shape, cfg, Path(args.shape_dir) if args.shape_dir else
+                            cfg.resolve(f"models/shape-{args.shape}"))
+    path = out / f"measure-{args.shape}.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    result |= {"shape": args.shape, "gpu_memory_gib": args.gpu_memory_gib, "machine": machine(),
+               "date": time.strftime("%Y-%m-%d"), "estimates": estimates(args.shape, cfg, args.gpu_memory_gib)}
+    parts = {"serve": serve_part, "train": train_part, "merge": merge_part}
+    for part in args.only or list(parts):
+        print(f"measuring {part} ...", flush=True)
+        result[part] = parts[part](model_dir, args, out)
+        path.write_text(json.dumps(result, indent=2, ensure_ascii=False))  # a part that finished is kept
+    (out / f"measure-{args.shape}.md").write_text(markdown(result), encoding="utf-8")
+    return result
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--shape", default="qwen3-8b", help="qwen3-8b (default), qwen3-4b, qwen3-14b or tiny")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None, help="the card to emulate (10: an RTX 3080)")
+    parser.add_argument("--only", action="append", choices=["serve", "train", "merge"], help="these parts only")
+    parser.add_argument("--prompt-tokens", type=int, default=2048, help="the serving test's prompt (serve.max_prompt_tokens)")
+    parser.add_argument("--new-tokens", type=int, default=512, help="generated per request (serve.max_tokens)")
+    parser.add_argument("--burst-new-tokens", type=int, default=64, help="generated per request in the burst of 13")
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--run-merge", action="store_true", help="also merge the trained adapter (the 8B: ~33 GB RAM)")
+    parser.add_argument("--output-dir", default=str(ROOT / "logs" / "measure"))
+    parser.add_argument("--shape-dir", help="where the random-weight model is built and cached (models/shape-<shape>)")
+
+
+def report(result: dict) -> None:
+    print(markdown(result))
+
+
+def main(argv=None) -> int:
+    return run_stage("measure_shape", __doc__, run, add_args=add_args, report=report, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
