@@ -50,6 +50,7 @@ $(MERGED): $(RUN)
 	$(PY) merge_lora.py --force
 
 demo: $(STAMP) $(EVAL) $(MERGED)
+	@echo "evaluation report: models/tiny-qwen3-lora/eval-test/report.html"
 	PORT=$(DEMO_PORT) PYTHON=$(PY) bash demo_serve.sh
 
 demo-clean:

@@ -27,7 +27,7 @@ demo summary
   base model       models/tiny-qwen3/ (random weights, real Qwen3 tokenizer)
   prepared data    data/processed/ (train/val/test.jsonl, labels.json, report.json)
   adapter          models/tiny-qwen3-lora/ ({t['global_step']} steps, {t['train_seconds']:.0f}s, {t['tokens_per_second']:.0f} tokens/s)
-  evaluation       models/tiny-qwen3-lora/eval-test/ (test macro-F1 {m['macro_f1']:.3f}, accuracy {m['accuracy']:.3f}, confusion_matrix.png)
+  evaluation       models/tiny-qwen3-lora/eval-test/ (test macro-F1 {m['macro_f1']:.3f}, accuracy {m['accuracy']:.3f}, report.html)
   merged model     models/tiny-qwen3-lora-merged/
   served answers   {answers.split('answers', 1)[-1].strip()}
   logs             logs/ (serve.jsonl, train_qwen.jsonl, demo-server.txt, demo-test-api.txt)""")

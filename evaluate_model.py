@@ -6,8 +6,10 @@
 
 Every label's log-probability is scored after the prompt (common/scoring.py), so each answer is a
 valid label with a probability. Writes <model>/eval-<split>/: metrics.json (accuracy, macro-F1,
-weighted-F1, per-class precision/recall/F1/support, confusion matrix), predictions.jsonl and
-confusion_matrix.png; prints a per-class table, items/s and latency.
+weighted-F1, per-class precision/recall/F1/support, confusion matrix, the majority-class and uniform
+baselines, a degenerate flag), predictions.jsonl, confusion_matrix.png, and report.md / report.html
+(the run's story on one page: provenance, curves, per-class scores, confident mistakes); prints a
+per-class table, the baselines, items/s and latency.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from common.loading import load_model, load_tokenizer
 from common.metrics import classification_metrics
 from common.model_files import newest_run
 from common.batching import left_pad
+from common.plots import save_confusion_png
 from common.prompts import classification_ids, parse_label
+from common.report import add_baselines, write_report
 from common.scoring import score_label_ids
 from common.terminal import ljust_cols
 
@@ -44,30 +48,6 @@ def generate_labels(model, tokenizer, prompts: list[list[int]], labels: list[str
         texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
         out += [parse_label(t, labels) for t in texts]
     return out
-
-
-def save_confusion_png(cm: list[list[int]], labels: list[str], path: Path, title: str) -> None:
-    """A heat map; tick labels are the label names when a CJK font is installed, else their numbers."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import font_manager
-    cjk = [f.name for f in font_manager.fontManager.ttflist
-           if any(k in f.name for k in ("CJK", "WenQuanYi", "Hei", "YaHei", "PingFang", "Source Han"))]
-    names = labels if cjk or all(label.isascii() for label in labels) else [str(i) for i in range(len(labels))]
-    if cjk:
-        plt.rcParams["font.family"] = cjk[0]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(labels), 1.0 + 0.6 * len(labels)))
-    ax.imshow(cm, cmap="Blues")
-    for i, row in enumerate(cm):
-        for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > max(map(max, cm)) / 2 else "black")
-    ax.set_xticks(range(len(labels)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), names)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def print_table(m: dict, baseline: dict | None) -> None:
@@ -88,6 +68,8 @@ def load_served(cfg, model_dir: Path):
     from common.memory import placement_for
     base, adapter = (cfg.resolve(adapter_base_path(model_dir)), model_dir) if is_adapter_dir(model_dir) \
         else (model_dir, None)
+    from common.loading import cap_gpu_memory
+    cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
     p = placement_for(base, cfg.evaluate.quantization, cfg.serve, adapter)
     return load_model(base, p.quantization, adapter=adapter, quantize_lm_head=p.quantize_lm_head,
                       embed_on_cpu=p.embed_on_cpu).eval()
@@ -111,14 +93,18 @@ def test_set(cfg, model_dir: Path) -> tuple[list[dict], list[str]]:
 
 
 def write_outputs(out_dir: Path, metrics: dict, records: list[dict], predicted: list[str], conf: list[float],
-                  title: str) -> None:
+                  model_dir: Path, split_path: Path) -> list[str]:
+    """Everything the evaluation writes; the names of the files, in the order written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    rows = [{"text": r["text"], "label": r["label"], "predicted": p, "probability": round(c, 4)}
+            for r, p, c in zip(records, predicted, conf)]
     with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for r, p, c in zip(records, predicted, conf):
-            f.write(json.dumps({"text": r["text"], "label": r["label"], "predicted": p, "probability": round(c, 4)},
-                               ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    title = f"{model_dir.name} on {split_path.stem}: macro-F1 {metrics['macro_f1']:.3f}"
     save_confusion_png(metrics["confusion_matrix"], metrics["labels"], out_dir / "confusion_matrix.png", title)
+    report_files = write_report(out_dir, metrics, rows, model_dir, split_path)
+    return ["metrics.json", "predictions.jsonl", "confusion_matrix.png", *report_files]
 
 
 def run(cfg, output_dir: str | None = None) -> dict:
@@ -135,7 +121,7 @@ def run(cfg, output_dir: str | None = None) -> dict:
     seconds = time.time() - start
     idx, conf = scores.best()
     predicted, truth = [labels[i] for i in idx], [r["label"] for r in records]
-    metrics = classification_metrics(truth, predicted, labels)
+    metrics = add_baselines(classification_metrics(truth, predicted, labels), truth, predicted)
     metrics.update(model=str(model_dir), split=e.split, items=len(records), seconds=round(seconds, 2),
                    items_per_second=round(len(records) / seconds, 1),
                    ms_per_item=round(1000 * seconds / len(records), 1),
@@ -147,21 +133,46 @@ def run(cfg, output_dir: str | None = None) -> dict:
                                  "invalid_rate": sum(g is None for g in generated) / len(generated),
                                  "ms_per_item": round(1000 * (time.time() - start) / len(records), 1)}
     out_dir = Path(output_dir) if output_dir else model_dir / f"eval-{e.split}"
-    write_outputs(out_dir, metrics, records, predicted, conf,
-                  f"{model_dir.name} on {e.split}: macro-F1 {metrics['macro_f1']:.3f}")
-    return metrics | {"output_dir": str(out_dir)}
+    split_path = cfg.resolve(cfg.data.processed_dir) / f"{e.split}.jsonl"
+    written = write_outputs(out_dir, metrics, records, predicted, conf, model_dir, split_path)
+    return metrics | {"output_dir": str(out_dir), "written": written, "provenance_lines": run_lines(model_dir)}
+
+
+def run_lines(model_dir: Path) -> list[str]:
+    """The evaluated run's provenance, for the terminal (a merged model names its run in manifest.json)."""
+    from common.provenance import describe
+    run = model_dir
+    if not (run / "train_info.json").is_file() and (model_dir / "manifest.json").is_file():
+        run = Path(json.loads((model_dir / "manifest.json").read_text()).get("adapter") or model_dir)
+    try:
+        return describe(json.loads((run / "train_info.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return []
+
+
+def print_baselines(m: dict) -> None:
+    """The no-skill scores beside the model's, and a warning when the model is no better than them."""
+    major, uniform = m["baselines"]["majority"], m["baselines"]["uniform"]
+    print(f"baselines: always {major['label']}: macro-F1 {major['macro_f1']:.4f}, accuracy {major['accuracy']:.4f}; "
+          f"uniform guess: macro-F1 {uniform['macro_f1']:.4f}, accuracy {uniform['accuracy']:.4f}")
+    if m["degenerate"]:
+        print(f"warning: degenerate predictions: {'; '.join(m['degenerate_reasons'])}")
 
 
 def report(m: dict, baseline: dict | None) -> None:
     print()
     print_table(m, baseline)
+    print_baselines(m)
+    for line in m.get("provenance_lines", []):  # what the evaluated run was made of (train_info.json)
+        print(line)
     print(f"\nlabel scoring: {m['items']} items in {m['seconds']:.1f}s = {m['items_per_second']} items/s, "
           f"{m['ms_per_item']} ms/item (mean prompt {m['prompt_tokens_mean']} tokens)")
     if "generation" in m:
         g = m["generation"]
         print(f"generation:    macro-F1 {g['macro_f1']:.4f}, invalid outputs {100 * g['invalid_rate']:.1f}%, "
               f"{g['ms_per_item']} ms/item")
-    print(f"wrote {m['output_dir']}/ (metrics.json, predictions.jsonl, confusion_matrix.png)")
+    print(f"wrote {m['output_dir']}/ ({', '.join(m['written'])})")
+    print(f"report: {Path(m['output_dir']) / 'report.html'} (open it in a browser; report.md beside it)")
 
 
 def add_args(parser) -> None:

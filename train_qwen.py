@@ -39,6 +39,7 @@ from common.memory import model_shape, training_fit
 from common.metrics import classification_metrics
 from common.prompts import IGNORE_INDEX, classification_ids, encode_records
 from common.health import make_monitor
+from common.plots import save_training_curves
 from common.provenance import run_provenance
 from common.scoring import score_label_ids
 
@@ -213,6 +214,7 @@ def save_run(trainer, run_dir: Path, cfg, processed: Path, info: dict) -> None:
     (run_dir / "config.resolved.yaml").write_text(
         yaml.safe_dump(dataclasses.asdict(cfg), allow_unicode=True, sort_keys=False), encoding="utf-8")
     (run_dir / "history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    save_training_curves(trainer.state.log_history, run_dir, trainer.state.best_model_checkpoint)
     (run_dir / "train_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
 
 
@@ -328,7 +330,8 @@ def report(figures: dict, strict: bool = False) -> int:
           f"{figures['tokens_per_second']:.0f} tokens/s, {figures['samples_per_second']:.1f} samples/s, "
           f"padding {100 * figures['padding_ratio']:.1f}%, peak memory {figures['peak_memory_gib']:.2f} GiB")
     print(f"best on val: {score} ({figures['best_checkpoint']})")
-    print(f"wrote {figures['run_dir']}/ (adapter, tokenizer, labels.json, config.resolved.yaml, train_info.json)")
+    print(f"wrote {figures['run_dir']}/ (adapter, tokenizer, labels.json, config.resolved.yaml, train_info.json, "
+          f"curves_loss.png, curves_metrics.png)")
     degenerate = figures["ended_degenerate"]
     for f in degenerate:
         print(f"WARNING: this run ended degenerate: {f['finding']} (step {f['step']}). Likely: {f['cause']}. "

@@ -12,6 +12,8 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from common.metrics import majority_baseline
+
 LEARNING = ("learning rate too high (or too low to move in these steps), too few steps, a class imbalance, "
             "or labels the prompt cannot tell apart")
 
@@ -27,14 +29,6 @@ class Finding:
 
     def line(self) -> str:
         return f"step {self.step}: {self.finding}. Likely: {self.cause}. Fix: {self.fix}"
-
-
-def majority_baseline(truth: list[str], labels: list[str]) -> dict[str, float]:
-    """Accuracy and macro-F1 of always answering the most frequent label (macro over the labels present)."""
-    counts = Counter(truth)
-    share = counts.most_common(1)[0][1] / len(truth) if truth else 0.0
-    present = [label for label in labels if counts[label]]
-    return {"accuracy": share, "macro_f1": (2 * share / (1 + share)) / max(len(present), 1) if truth else 0.0}
 
 
 def prediction_findings(truth: list[str], predicted: list[str], labels: list[str], macro_f1: float,

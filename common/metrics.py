@@ -14,6 +14,14 @@ def confusion_matrix(y_true: list[str], y_pred: list[str], labels: list[str]) ->
     return cm
 
 
+def majority_baseline(truth: list[str], labels: list[str]) -> dict:
+    """What always answering the most frequent label scores on these items (a tie: the first in labels)."""
+    counts = {label: sum(t == label for t in truth) for label in labels}
+    majority = max(labels, key=lambda label: counts[label])
+    always = classification_metrics(truth, [majority] * len(truth), labels)
+    return {"label": majority, "accuracy": always["accuracy"], "macro_f1": always["macro_f1"]}
+
+
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a, dtype=float), where=b > 0)
 

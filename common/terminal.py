@@ -4,7 +4,11 @@ from __future__ import annotations
 import unicodedata
 
 
+def columns(text: str) -> int:
+    """Display width in columns: a wide (CJK) character takes two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def ljust_cols(text: str, width: int) -> str:
     """Left-justify in terminal columns, where a CJK character takes two."""
-    cols = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
-    return text + " " * max(width - cols, 0)
+    return text + " " * max(width - columns(text), 0)

@@ -5,6 +5,7 @@ import pytest
 from conftest import run_script
 
 from common.metrics import classification_metrics
+from common.report import add_baselines, baselines
 
 
 def test_metrics_against_a_hand_computed_confusion_matrix():
@@ -39,6 +40,16 @@ def test_evaluate_cli_writes_metrics_png_and_predictions(trained_run, prepared_d
     assert 0 <= m["generation"]["invalid_rate"] <= 1
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "macro_f1" in proc.stdout and "items/s" in proc.stdout
+    # issue 13: the no-skill baselines beside the score, and the degenerate flag, printed and in metrics.json
+    expected, major = baselines([p["label"] for p in preds], labels), m["baselines"]["majority"]
+    assert major["label"] == expected["majority"]["label"] and f"always {major['label']}" in proc.stdout
+    for kind in ("majority", "uniform"):
+        for key in ("accuracy", "macro_f1"):
+            assert m["baselines"][kind][key] == pytest.approx(expected[kind][key])
+    one_class = len({p["predicted"] for p in preds}) == 1
+    assert m["degenerate"] == (one_class or m["macro_f1"] <= major["macro_f1"])
+    assert ("warning: degenerate predictions" in proc.stdout) == m["degenerate"]
+    assert f"report: {out / 'report.html'}" in proc.stdout and (out / "report.md").is_file()
     base = run_script("evaluate_model.py", "--model", str(trained_run), "--set", f"data.processed_dir={prepared_data}",
                       "--output-dir", str(tmp_path / "again"), "--baseline", str(out / "metrics.json"))
     assert base.returncode == 0 and "vs baseline" in base.stdout
@@ -48,3 +59,25 @@ def test_evaluate_without_a_run_says_what_to_do(prepared_data, tmp_path):
     proc = run_script("evaluate_model.py", "--set", f"data.processed_dir={prepared_data}",
                       "--set", f"train.runs_dir={tmp_path}")
     assert proc.returncode == 1 and "python train_qwen.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_baselines_against_hand_computed_values():
+    base = baselines(["a", "a", "a", "b"], ["a", "b", "c"])
+    # always a: a P .75 R 1 F1 6/7, b F1 0; c is absent from the data, so not in the macro average
+    assert base["majority"] == pytest.approx({"label": "a", "accuracy": 0.75, "macro_f1": 3 / 7})
+    # a uniform guess over 3 labels: recall 1/3, precision = the share (.75, .25); F1 = 2PR / (P + R)
+    f1 = [2 * p / 3 / (p + 1 / 3) for p in (0.75, 0.25)]
+    assert base["uniform"] == pytest.approx({"accuracy": 1 / 3, "macro_f1": sum(f1) / 2})
+
+
+@pytest.mark.parametrize("predicted, reasons", [
+    (["a", "a", "a", "a"], ["every prediction is a", "not above the majority-class baseline"]),
+    (["b", "b", "b", "b"], ["every prediction is b", "not above the majority-class baseline"]),
+    (["a", "a", "b", "a"], ["not above the majority-class baseline"]),  # two classes, still no skill
+    (["a", "a", "a", "b"], []),
+])
+def test_degenerate_predictions_are_flagged(predicted, reasons):
+    truth, labels = ["a", "a", "a", "b"], ["a", "b"]
+    m = add_baselines(classification_metrics(truth, predicted, labels), truth, predicted)
+    assert m["degenerate"] == bool(reasons) and len(m["degenerate_reasons"]) == len(reasons)
+    assert all(want in got for want, got in zip(reasons, m["degenerate_reasons"]))
