@@ -192,6 +192,7 @@ def training_arguments(cfg, run_dir: Path, device: str, classification: bool):
         use_cpu=device == "cpu", train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False, prediction_loss_only=True, ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, so the health monitor sees it
     )
 
 
@@ -336,9 +337,8 @@ def report(figures: dict, strict: bool = False) -> int:
     for f in degenerate:
         print(f"WARNING: this run ended degenerate: {f['finding']} (step {f['step']}). Likely: {f['cause']}. "
               f"Fix: {f['fix']}")
-    if degenerate or math.isnan(ev.get("eval_loss", 0.0)):
-        return 1 if strict or math.isnan(ev.get("eval_loss", 0.0)) else 0
-    return 0
+    died = math.isnan(ev.get("eval_loss", 0.0)) or any(f.get("level") == "error" for f in degenerate)
+    return 1 if died or (degenerate and strict) else 0
 
 
 def add_args(parser) -> None:

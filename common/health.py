@@ -20,7 +20,7 @@ LEARNING = ("learning rate too high (or too low to move in these steps), too few
 
 @dataclass
 class Finding:
-    kind: str      # one_class | skewed | at_baseline | nan_loss | no_progress | exploding_grads
+    kind: str      # one_class | skewed | at_baseline | nan_loss | collapsed | no_progress | exploding_grads
     finding: str
     cause: str
     fix: str
@@ -73,6 +73,17 @@ def grad_finding(norms: list[float], step: int) -> Finding | None:
                    "overflow", "lower train.learning_rate; on a GPU without bf16 keep gradient clipping on", step)
 
 
+def collapse_finding(norms: list[float], step: int, run: int = 3) -> Finding | None:
+    """A gradient norm of exactly 0 at `run` logged steps in a row after a non-zero one: the weights blew up
+    into a state (saturated, or every output the same) where no gradient flows: the run is dead, whatever
+    the loss still says. Seen with a learning rate 10^4-10^6 too high: loss ln(vocab), gradients 0."""
+    if len(norms) <= run or any(norms[-run:]) or not any(norms[:-run]):
+        return None
+    return Finding("collapsed", f"the gradient norm has been 0 for {run} logged steps after being "
+                                f"{max(norms[:-run]):.3g}: the weights blew up and nothing is learning",
+                   "a learning rate far too high", "lower train.learning_rate 10-100x and start again", step, "error")
+
+
 def make_monitor():
     """The Trainer callback (built lazily: transformers is heavy to import for --help)."""
     from transformers import TrainerCallback
@@ -84,12 +95,16 @@ def make_monitor():
             self.losses: list[float] = []
             self.norms: list[float] = []
 
-        def note(self, found: list[Finding]) -> None:
+        def note(self, found: list[Finding], early: set[str] = frozenset()) -> None:
+            """Log each new finding once: WARN, or INFO for the kinds in `early` (not yet worth a warning)."""
             import logging
-            seen = {(f.kind, f.finding) for f in self.findings}
+            log, seen = logging.getLogger("train_qwen"), {(f.kind, f.finding) for f in self.findings}
             for f in found:
+                if f.kind in early:
+                    log.info("training health (early, watching): %s", f.line())
+                    continue
                 if (f.kind, f.finding) not in seen:
-                    logging.getLogger("train_qwen").warning("training health: %s", f.line(), extra=asdict(f))
+                    log.warning("training health: %s", f.line(), extra=asdict(f))
                 self.findings.append(f)
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -102,6 +117,10 @@ def make_monitor():
             if (logs or {}).get("grad_norm") is not None:
                 self.norms.append(float(logs["grad_norm"]))
                 self.note([f for f in [grad_finding(self.norms, state.global_step)] if f])
+                dead = collapse_finding(self.norms, state.global_step)
+                if dead and not any(f.kind == "collapsed" for f in self.findings):
+                    control.should_training_stop = True  # no gradient flows: more steps change nothing
+                    self.note([dead])
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             if metrics and metrics.get("eval_loss") is not None:
@@ -109,11 +128,14 @@ def make_monitor():
                 self.note([f for f in [loss_finding(self.losses, state.global_step)] if f])
 
         def predictions(self, truth, predicted, labels, macro_f1, step) -> None:
+            # A first evaluation that still predicts one class is normal early in a run; a finding is a
+            # warning once it holds at two evaluations in a row (and the run's end reports the last one).
+            before = {f.kind for f in self.latest}
             self.latest = prediction_findings(truth, predicted, labels, macro_f1, step)
-            self.note(self.latest)
+            self.note(self.latest, early={f.kind for f in self.latest if f.kind not in before})
 
         def ended_degenerate(self) -> list[Finding]:
-            """What the run ends with: the latest evaluation's findings, and a loss that went NaN."""
-            return self.latest + [f for f in self.findings if f.kind == "nan_loss"]
+            """What the run ends with: the latest evaluation's findings, and a run that died (NaN, collapse)."""
+            return self.latest + [f for f in self.findings if f.level == "error"]
 
     return HealthMonitor()

@@ -27,7 +27,10 @@ CURVE_KEYS = ("loss", "eval_loss", "eval_macro_f1", "eval_accuracy")
 
 def font_families() -> list[str]:
     """The families to draw with, the bundled CJK font first; registers it once per process."""
-    import pylopdf_fonts_zh_cn
+    try:
+        import pylopdf_fonts_zh_cn
+    except ImportError:  # a pinned requirement; without it a chart is still drawn, Chinese maybe as boxes
+        return ["Noto Sans CJK SC", "WenQuanYi Micro Hei", "DejaVu Sans"]
     path = str(pylopdf_fonts_zh_cn.sans_path())
     if not any(f.fname == path for f in font_manager.fontManager.ttflist):
         font_manager.fontManager.addfont(path)

@@ -30,8 +30,8 @@ def _arm(state, path: Path) -> None:
         try:
             wanted = json.loads(path.read_text())
         except (OSError, ValueError):
-            wanted = {}
-        if wanted.get("id") != armed["id"]:
+            wanted = {"id": armed.get("id")}  # no file yet (or one being replaced): keep what is armed
+        if wanted.get("id") != armed.get("id"):
             armed.clear()
             armed.update(wanted)
         if armed.get(engine.phase, 0) > 0:

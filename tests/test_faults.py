@@ -54,7 +54,10 @@ def faulty(tiny_model, tmp_path_factory):
     srv = start_server(tiny_model, logs, conf="tests/faults.conf.py", FAULTS_FILE=str(logs / "faults.json"),
                        RATE_LIMITS="100000/minute", MAX_CONCURRENT="3", MAX_QUEUE="10",
                        QWEN_SERVE_REQUEST_TIMEOUT_S="60", QWEN_SERVE_UNHEALTHY_AFTER_FAILURES="3")
-    srv.faults = lambda **n: (logs / "faults.json").write_text(json.dumps({"id": uuid.uuid4().hex, **n}))
+    def faults(**n):  # written aside, then renamed: the injector never reads half a file
+        (logs / "faults.tmp").write_text(json.dumps({"id": uuid.uuid4().hex, **n}))
+        (logs / "faults.tmp").replace(logs / "faults.json")
+    srv.faults = faults
     yield srv
     srv.stop()
 
@@ -110,7 +113,7 @@ def test_after_the_faults_every_slot_and_queue_place_still_works(faulty):
         codes = list(pool.map(lambda i: requests.post(faulty.url + CHAT, json=chat(f"问{i}", max_tokens=32,
                                                                                       ignore_eos=True),
                                                         timeout=120).status_code, range(13)))
-    assert codes == [200] * 13
+    assert codes == [200] * 13, [faulty.records()[-14:]]
     engine = engine_stats(faulty)["engine"]
     assert engine["admitted"] == engine["waiting"] + engine["running"] == 0
     assert engine["accounting_errors"] == 0 and engine["failed_passes"] >= 6
@@ -142,8 +145,12 @@ def test_a_client_that_hangs_up_frees_its_slot_and_is_logged_as_cancelled(faulty
 def test_a_stream_that_is_dropped_is_cancelled_not_a_timeout(faulty):
     before, logged = engine_stats(faulty)["rejections"], len([r for r in faulty.records() if r.get("status") == 499])
     sock, seen = raw_request(faulty, chat(max_tokens=500, ignore_eos=True, stream=True)), b""
-    while b'"content"' not in seen.split(b"\r\n\r\n", 1)[-1]:  # the first content chunk: it is generating
-        seen += sock.recv(4096)
+    def generating(data: bytes) -> bool:  # a content chunk past the opening one (which names the role)
+        return any(b'"content"' in line and b'"role"' not in line for line in data.split(b"\n"))
+    while not generating(seen.split(b"\r\n\r\n", 1)[-1]):
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the stream before any content"
+        seen += chunk
     sock.close()  # hang up as a closed browser tab does
     wait_for(lambda: engine_stats(faulty)["rejections"].get("cancelled", 0) > before.get("cancelled", 0), timeout=10)
     wait_for(lambda: engine_stats(faulty)["in_flight"] == 0, timeout=5)  # its slot is free at the next step

@@ -8,7 +8,7 @@ import random
 import pytest
 from conftest import run_script
 
-from common.health import grad_finding, loss_finding, prediction_findings
+from common.health import collapse_finding, grad_finding, loss_finding, prediction_findings
 
 
 def test_prediction_findings_by_their_definitions():
@@ -28,6 +28,10 @@ def test_loss_and_gradient_findings():
     assert grad_finding([1.0, 1.2, 0.9, 1.1], step=4) is None
     assert grad_finding([1.0, 1.2, 0.9, 50.0], step=4).kind == "exploding_grads"
     assert grad_finding([1.0, math.inf], step=2).kind == "exploding_grads"
+    assert collapse_finding([10.4, 0.0, 0.0, 0.0], step=4).kind == "collapsed"
+    assert collapse_finding([10.4, 0.0, 0.0], step=3) is None        # not yet three in a row
+    assert collapse_finding([0.0, 0.0, 0.0, 0.0], step=4) is None    # never flowed (e.g. nothing trainable)
+    assert collapse_finding([10.4, 0.0, 0.3, 0.0], step=4) is None
 
 
 def keyword_data(path, signal: bool, n: int = 240):
@@ -88,6 +92,6 @@ def test_a_loss_that_blows_up_stops_the_run_at_once(tiny_model, runs, tmp_path):
                       "--learning-rate", "1e6", "--warmup-ratio", "0")
     info = json.loads((tmp_path / "runs" / "nan" / "train_info.json").read_text())
     kinds = {f["kind"] for f in info["health"]}
-    assert kinds & {"nan_loss", "exploding_grads"}, info["health"]
-    if "nan_loss" in kinds:
-        assert proc.returncode == 1 and info["global_step"] < 30  # stopped at once, not after 30 steps
+    assert kinds & {"nan_loss", "exploding_grads", "collapsed"}, info["health"]
+    if kinds & {"nan_loss", "collapsed"}:  # a dead run: stopped at once, not after 30 steps, and exits 1
+        assert proc.returncode == 1 and info["global_step"] < 10, (proc.returncode, info["global_step"])
