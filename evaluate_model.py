@@ -70,7 +70,7 @@ def load_served(cfg, model_dir: Path):
         else (model_dir, None)
     from common.loading import cap_gpu_memory
     cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
-    p = placement_for(base, cfg.evaluate.quantization, cfg.serve, adapter)
+    p = placement_for(base, cfg.evaluate.quantization, cfg.serve, adapter, cfg.model.gpu_memory_cap_gib)
     return load_model(base, p.quantization, adapter=adapter, quantize_lm_head=p.quantize_lm_head,
                       embed_on_cpu=p.embed_on_cpu).eval()
 

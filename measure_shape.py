@@ -64,9 +64,10 @@ def build_shape(name: str, cfg, target: Path) -> Path:
     config = AutoConfig.for_model(**{**shape_config(name, cfg), "bos_token_id": 151643, "eos_token_id": 151645,
                                      "pad_token_id": 151643})
     print(f"building {target}: {config.num_hidden_layers} layers x {config.hidden_size}", flush=True)
-    with no_init_weights():  # the normal init of 8B parameters takes minutes; these draws take seconds
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU draws 8B numbers in a blink
+    with no_init_weights(), torch.device(device):  # the normal init of 8B parameters takes minutes
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=generator) if p.dim() > 1 else p.fill_(1.0)
@@ -116,22 +117,32 @@ def serve(model_dir: Path, logs: Path, env: dict[str, str]) -> tuple[subprocess.
     raise UserError(f"the server did not load within 15 minutes: see {logs / 'server.txt'}")
 
 
-def streamed(url: str, messages: list[dict], new_tokens: int) -> tuple[float, float]:
-    """(time to first token, decode tokens/s after it) of one streamed request."""
+def streamed(url: str, messages: list[dict], new_tokens: int) -> tuple[float | None, float | None, str | None]:
+    """(time to first token, decode tokens/s after it, None) of one streamed request, or (None, None, the
+    error code) when the server refused or ended it (a 4xx/5xx, or an error event in the stream)."""
     body = {"messages": messages, "max_tokens": new_tokens, "ignore_eos": True, "stream": True, "temperature": 0}
-    t0, first = time.perf_counter(), None
+    t0, first, error = time.perf_counter(), None, None
     with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=1800) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            return None, None, f"http_{r.status_code}"
         for line in r.iter_lines(decode_unicode=True):
             if first is None and line.startswith("data: ") and '"content"' in line and '"role"' not in line:
                 first = time.perf_counter()
-    return first - t0, (new_tokens - 1) / max(time.perf_counter() - first, 1e-9)
+            if line.startswith("data: {") and '"error"' in line:
+                error = json.loads(line[6:])["error"].get("code") or "error"
+    if error or first is None:
+        return None, None, error or "no_content"
+    return first - t0, (new_tokens - 1) / max(time.perf_counter() - first, 1e-9), None
 
 
 def serving_figures(url: str, messages: list[dict], args) -> dict:
-    """TTFT and decode rate alone and three at once, a burst of 13, label scoring: the server's own figures."""
-    ttft, alone = streamed(url, messages, args.new_tokens)
+    """TTFT and decode rate alone and three at once, a burst of 13, label scoring: the server's own figures.
+    A request the server refuses (its KV budget holds fewer than three such requests) is counted, not fatal."""
+    ttft, alone, error = streamed(url, messages, args.new_tokens)
+    if error:
+        raise UserError(f"a single {args.prompt_tokens}-token prompt + {args.new_tokens} tokens failed: {error}")
     three, wall = timed_pool(lambda _: streamed(url, messages, args.new_tokens), range(3), 3)
+    done3 = [t for t in three if t[2] is None]
     burst = {"messages": messages, "max_tokens": args.burst_new_tokens, "ignore_eos": True}
     codes, burst_s = timed_pool(lambda _: requests.post(url + "/v1/chat/completions", json=burst,
                                                         timeout=1800).status_code, range(13), 13)
@@ -140,24 +151,29 @@ def serving_figures(url: str, messages: list[dict], args) -> dict:
                                                     timeout=600).raise_for_status(), range(2), 1)
     stats = requests.get(url + "/stats", timeout=30).json()
     return {"ttft_s": round(ttft, 3), "decode_tokens_per_s_1": round(alone, 1),
-            "decode_tokens_per_s_3": round(3 * args.new_tokens / wall, 1), "ttft_s_3": round(max(t for t, _ in three), 3),
+            "decode_tokens_per_s_3": round(len(done3) * args.new_tokens / wall, 1),
+            "ttft_s_3": round(max(t[0] for t in done3), 3) if done3 else None,
+            "refused_of_3": [t[2] for t in three if t[2]],
             "burst_13": {str(c): codes.count(c) for c in sorted(set(codes))}, "burst_seconds": round(burst_s, 1),
             "classify_items_per_s": round(64 / score_s, 1), "memory": stats.get("memory"),
             "engine": {k: stats.get("engine", {}).get(k) for k in ("kv_budget_tokens", "peak_kv_tokens_reserved",
                                                                     "peak_running", "effective_concurrency")}}
 
 
-def serve_part(model_dir: Path, args, out: Path) -> dict:
+def serve_part(model_dir: Path, args, out: Path, result: dict) -> dict:
+    """Each --quant in turn (8-bit, then 4-bit); each one's figures are saved as soon as they exist."""
     from common.loading import load_tokenizer
     messages = prompt_of(load_tokenizer(model_dir), args.prompt_tokens)
-    results = {}
-    for quant in ("8bit", "4bit"):
+    results = result.setdefault("serve", {})
+    for quant in args.quant or ("8bit", "4bit"):
+        t0 = time.time()
         proc, url = serve(model_dir, out / f"serve-{quant}", {**args.env, "QUANTIZATION": quant})
         try:
-            results[quant] = serving_figures(url, messages, args)
+            results[quant] = {"load_seconds": round(time.time() - t0, 1)} | serving_figures(url, messages, args)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=300)
+        args.save(result)
     return results
 
 
@@ -237,11 +253,18 @@ def markdown(result: dict) -> str:
     est = result.get("estimates", {})
     for quant, s in result.get("serve", {}).items():
         mem = s.get("memory") or {}
-        peak = mem.get("peak_allocated_gib", mem.get("rss_gib"))
-        rows += [f"| serve {quant} | peak memory (GiB) | {peak} | {est.get(f'serve_{quant}', {}).get('total_gib')} |",
+        peak = mem.get("peak_total_gib", mem.get("rss_gib"))
+        rows += [f"| serve {quant} | peak memory (GiB): allocator peak + CUDA context | {peak} | "
+                 f"{est.get(f'serve_{quant}', {}).get('total_gib')} |",
+                 f"| serve {quant} | allocated at the end: weights + held caches (GiB) | {mem.get('allocated_gib', '')} | "
+                 f"{est.get(f'serve_{quant}', {}).get('weights_gib')} |",
+                 f"| serve {quant} | load time | {s.get('load_seconds')} s | |",
                  f"| serve {quant} | time to first token | {s['ttft_s']} s | |",
                  f"| serve {quant} | decode tokens/s, 1 / 3 requests | {s['decode_tokens_per_s_1']} / "
-                 f"{s['decode_tokens_per_s_3']} | |",
+                 f"{s['decode_tokens_per_s_3']}" + (f" (refused: {', '.join(s['refused_of_3'])})"
+                                                     if s.get("refused_of_3") else "") + " | |",
+                 f"| serve {quant} | KV budget, tokens (3 requests need {3 * (result.get('prompt_tokens') or 0) + 3 * (result.get('new_tokens') or 0)}) | "
+                 f"{(s.get('engine') or {}).get('kv_budget_tokens')} | |",
                  f"| serve {quant} | burst of 13 | {s['burst_13']} in {s['burst_seconds']} s | |",
                  f"| serve {quant} | label scoring | {s['classify_items_per_s']} items/s | |"]
     if "train" in result:
@@ -263,13 +286,21 @@ def run(cfg, args) -> dict:
     path = out / f"measure-{args.shape}.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     result |= {"shape": args.shape, "gpu_memory_gib": args.gpu_memory_gib, "machine": machine(),
+               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                "date": time.strftime("%Y-%m-%d"), "estimates": estimates(args.shape, cfg, args.gpu_memory_gib)}
     parts = {"serve": serve_part, "train": train_part, "merge": merge_part}
+
+    def save(result: dict) -> None:  # a part that finished is kept, whatever happens to the next
+        path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        (out / f"measure-{args.shape}.md").write_text(markdown(result), encoding="utf-8")
+    args.save = save
     for part in args.only or list(parts):
         print(f"measuring {part} ...", flush=True)
-        result[part] = parts[part](model_dir, args, out)
-        path.write_text(json.dumps(result, indent=2, ensure_ascii=False))  # a part that finished is kept
-    (out / f"measure-{args.shape}.md").write_text(markdown(result), encoding="utf-8")
+        if part == "serve":
+            serve_part(model_dir, args, out, result)
+        else:
+            result[part] = parts[part](model_dir, args, out)
+        save(result)
     return result
 
 
@@ -277,6 +308,7 @@ def add_args(parser) -> None:
     parser.add_argument("--shape", default="qwen3-8b", help="qwen3-8b (default), qwen3-4b, qwen3-14b or tiny")
     parser.add_argument("--gpu-memory-gib", type=float, default=None, help="the card to emulate (10: an RTX 3080)")
     parser.add_argument("--only", action="append", choices=["serve", "train", "merge"], help="these parts only")
+    parser.add_argument("--quant", action="append", choices=["8bit", "4bit"], help="serve part: these only")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="the serving test's prompt (serve.max_prompt_tokens)")
     parser.add_argument("--new-tokens", type=int, default=512, help="generated per request (serve.max_tokens)")
     parser.add_argument("--burst-new-tokens", type=int, default=64, help="generated per request in the burst of 13")

@@ -84,6 +84,8 @@ def embedding_to_cpu(model) -> None:
     if model.config.tie_word_embeddings:
         raise ValueError("the model ties its embedding to its output head: the embedding cannot leave the GPU")
     embedding.to("cpu")
+    if device.type == "cuda" if isinstance(device, torch.device) else str(device).startswith("cuda"):
+        torch.cuda.empty_cache()  # give the 16-bit table's memory back: the KV budget is measured from what is free
     embedding.register_forward_pre_hook(lambda module, args: (args[0].to("cpu"),))
     embedding.register_forward_hook(lambda module, args, out: out.to(device))
 
@@ -177,6 +179,7 @@ def cap_gpu_memory(cap_gib: float | None) -> None:
 
 def gpu_free_bytes(cap_gib: float | None = None) -> int:
     """What this process can still allocate on the GPU: the device's free memory, within the cap."""
+    torch.cuda.empty_cache()  # blocks the allocator holds but nothing uses (a load's leftovers) count as free
     free = torch.cuda.mem_get_info()[0]
     if cap_gib:
         free = min(free, int(cap_gib * 1024**3) - torch.cuda.memory_reserved())

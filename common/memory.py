@@ -172,10 +172,13 @@ def worst_case_kv_tokens(serve) -> int:
     return serve.max_concurrent * (serve.max_prompt_tokens + serve.max_tokens)
 
 
-def card_gib() -> float | None:
-    """The GPU's memory in GiB, or None without one."""
+def card_gib(cap_gib: float | None = None) -> float | None:
+    """The GPU's memory in GiB (at most model.gpu_memory_cap_gib), or None without one."""
     import torch
-    return torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    return min(total, cap_gib) if cap_gib else total
 
 
 def kv_budget(cfg: dict, serve, device: str, cap_gib: float | None = None) -> tuple[int, str]:
@@ -213,11 +216,12 @@ def choose_placement(cfg: dict, quantization: str, serve, card_gib: float | None
                      embed == "cpu" and not tied)
 
 
-def placement_for(model_dir: Path, quantization: str, serve, adapter: Path | None = None) -> Placement:
+def placement_for(model_dir: Path, quantization: str, serve, adapter: Path | None = None,
+                  cap_gib: float | None = None) -> Placement:
     """The placement serving (and evaluation, which mirrors it) loads `model_dir` with on this machine."""
     from common.loading import pick_device, resolve_quantization
     shape = model_shape(model_dir) or {}
-    placement = choose_placement(shape, resolve_quantization(quantization, pick_device()), serve, card_gib()) \
+    placement = choose_placement(shape, resolve_quantization(quantization, pick_device()), serve, card_gib(cap_gib)) \
         if shape else Placement(resolve_quantization(quantization, pick_device()))
     saved = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("modules_to_save") if adapter else None
     saves_head = "lm_head" in (saved or [])  # an adapter's own trained head replaces the base's, in full precision
