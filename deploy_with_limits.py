@@ -5,9 +5,10 @@
     python deploy_with_limits.py --check         # preflight: the model to serve, its files, the port
 
 Endpoints: POST /v1/chat/completions (stream too), POST /v1/completions, POST /v1/classify,
-GET /v1/models, /health, /stats, /metrics. Limits (serve section): concurrent generations, a bounded
-wait queue (503 + Retry-After beyond it), per-IP and global rate limits (429), a request deadline
-(504, and the generation stops), token and body caps, optional Bearer API keys. The model loads once
+GET /v1/models, /health, /stats, /metrics, /dashboard (a live page). Limits (serve section): concurrent
+generations, a bounded wait queue (503 + Retry-After beyond it), per-IP and global rate limits (429; shared
+by workers and instances through Redis, common/rate_limits.py), a request deadline (504, and the
+generation stops), token and body caps, optional Bearer API keys. The model loads once
 per worker process, after gunicorn forks, in a background thread (/health is 503 until it is ready).
 
 To add an endpoint: write a short function below, then give it a line in ROUTES with the rules it
@@ -15,6 +16,7 @@ runs under; create_app applies those rules (key, rate limits, readiness) and the
 """
 from __future__ import annotations
 
+import base64
 import functools
 import hmac
 import sys
@@ -24,9 +26,10 @@ import uuid
 from common.cli import run_stage
 from common.config import load_config
 from common.model_files import check_model_dir, serving_model
-from common.monitoring import health, metrics, stats
+from common.monitoring import WORKER_ID, dashboard, health, metrics, stats
 from common.openai_schema import (ApiError, Params, chat_chunk, chat_response, completion_response, new_id,
                                   parse_chat, parse_classify, parse_completion, usage)
+from common.rate_limits import check_settings
 from common.service import (OUTCOMES, Accounting, ServerState, capped, check_model_name, classify, client_ip,
                             generation, log, parse_body, request_ids, resolve_labels, stream, wait)
 
@@ -113,7 +116,7 @@ def submit_generation(st: ServerState, p: Params, ids: list[int]):
     """Submit the generation; its record notes the sampling it runs with (defaults filled in)."""
     from flask import g
     req = generation(st, p, ids)
-    g.acct.sampling = req.sampling.as_dict()
+    g.acct.sampling, g.acct.generation = req.sampling.as_dict(), req
     return req
 
 
@@ -145,28 +148,47 @@ ROUTES = [
     ("GET", "/health", health, "open"),
     ("GET", "/stats", stats, "key"),
     ("GET", "/metrics", metrics, "open"),
+    ("GET", "/dashboard", dashboard, "key"),
 ]
 
 
+def presented_key() -> str:
+    """The key a client sent: `Authorization: Bearer <key>`, or HTTP Basic with the key as the password
+    (a browser on /dashboard asks for it once and sends it with the page's /stats polls)."""
+    from flask import request
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        return auth[7:].strip()
+    if auth.startswith("Basic "):
+        try:
+            return base64.b64decode(auth[6:], validate=True).decode().partition(":")[2]
+        except ValueError:  # not base64, or not UTF-8: no key
+            return ""
+    return ""
+
+
 def check_key(st: ServerState) -> None:
-    """The Bearer key, when keys are set. Failures count per client address (serve.auth_failure_limit):
+    """The key, when keys are set. Failures count per client address (serve.auth_failure_limit):
     past the limit even a right key gets 429 until the window ends, so keys cannot be guessed fast."""
-    from flask import g, request
+    from flask import g
     if not st.keys:
         return
-    limiter, failures = st.auth_failures
-    if not limiter.test(failures, "auth-failures", g.acct.client):
-        reset = int(limiter.get_window_stats(failures, "auth-failures", g.acct.client)[0] - time.time()) + 1
-        raise ApiError(429, f"too many failed authentications from this address ({failures}); retry in {reset}s",
-                       type="rate_limit_exceeded", code="auth_failures", headers={"Retry-After": str(reset)})
-    auth = request.headers.get("Authorization", "")
-    given = auth[7:].strip() if auth.startswith("Bearer ") else ""
+    wait_s = st.limits.auth_wait(g.acct.client)
+    if wait_s:
+        raise ApiError(429, f"too many failed authentications from this address ({st.limits.auth_failures}); "
+                            f"retry in {wait_s}s", type="rate_limit_exceeded", code="auth_failures",
+                       headers={"Retry-After": str(wait_s)})
+    given = presented_key()
     if not any([hmac.compare_digest(given.encode(), k.encode()) for k in st.keys]):  # no short-circuit
-        limiter.hit(failures, "auth-failures", g.acct.client)
-        raise ApiError(401, "missing or invalid API key: send Authorization: Bearer <key>", code="invalid_api_key")
+        st.limits.auth_failed(g.acct.client)
+        raise ApiError(401, "missing or invalid API key: send Authorization: Bearer <key>", code="invalid_api_key",
+                       headers={"WWW-Authenticate": 'Basic realm="qwen-serve", charset="UTF-8"'})
 
 
 def check_ready(st: ServerState) -> None:
+    if st.limits.refusing():  # serve.rate_limit_storage_down: refuse, and the shared counters are unreachable
+        raise st.unavailable("the rate-limit storage is unreachable and this server counts every request there; "
+                             "retry shortly", "rate_limit_storage_down")
     if not st.ready():
         raise st.unavailable(f"the model is {'shutting down' if st.draining else 'not loaded yet'}",
                              "draining" if st.draining else "loading")
@@ -218,6 +240,7 @@ def add_accounting(app, st: ServerState, limiter) -> None:
     @app.after_request
     def done(resp):
         resp.headers["X-Request-ID"] = g.acct.request_id
+        resp.headers["X-Worker"] = WORKER_ID  # which gunicorn worker answered (the `worker` of its /stats)
         rate_limit_headers(limiter, resp)
         if request.path.startswith("/v1/") and not g.acct.deferred:
             g.acct.record(st, resp.status_code)
@@ -244,24 +267,22 @@ def add_accounting(app, st: ServerState, limiter) -> None:
 def create_app(cfg=None):
     """The Flask app (gunicorn calls this in each worker, after the fork)."""
     from flask import Flask
-    from flask_limiter import Limiter
-    from limits import parse as parse_limit
 
     from common.logs import setup_logging
+    from common.rate_limits import rate_limits
     cfg = cfg or load_config()
     setup_logging("serve", cfg.resolve(cfg.logging.dir), cfg.logging.level)
     s, st = cfg.serve, ServerState(cfg)
     app = Flask("qwen-serve")
     app.extensions["qwen"] = st
     app.config["MAX_CONTENT_LENGTH"] = s.max_body_bytes
-    limiter = Limiter(key_func=lambda: client_ip(s.trusted_proxies), app=app, storage_uri=s.rate_limit_storage,
-                      headers_enabled=False, strategy="fixed-window")  # headers: rate_limit_headers
-    limits = [limiter.shared_limit(s.global_rate_limit, scope="global", key_func=lambda: "all"),
-              limiter.shared_limit(s.rate_limits, scope="per-ip")]
-    st.auth_failures = (limiter.limiter, parse_limit(s.auth_failure_limit))
-    add_accounting(app, st, limiter)
+    st.limits = rate_limits(app, s, key_func=lambda: client_ip(s.trusted_proxies))
+    if st.limits.status is not None:
+        st.stats.gauge("qwen_rate_limit_storage_up", "1 while the shared rate-limit storage answers, 0 while down",
+                       lambda: float(st.limits.status.state() == "ok"))
+    add_accounting(app, st, st.limits.limiter)
     for method, path, view, rule in ROUTES:
-        app.add_url_rule(path, view_func=guarded(view, rule, limits), methods=[method])
+        app.add_url_rule(path, view_func=guarded(view, rule, st.limits.decorators), methods=[method])
     return app
 
 
@@ -271,7 +292,7 @@ def preflight(cfg) -> list[str]:
     import socket
     model_dir, adapter = serving_model(cfg)
     problems = [f"{d}: {f.message}" for d in filter(None, (model_dir, adapter))
-                for f in check_model_dir(d) if f.level == "fail"]
+                for f in check_model_dir(d) if f.level == "fail"] + check_settings(cfg.serve)
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -73,9 +73,11 @@ class Engine:
             self.wake.notify()
 
     def load(self) -> tuple[int, int]:
-        """(in flight, waiting): decoding rows, and the rest of what is admitted."""
+        """(in flight, waiting): decoding rows, and the rest of what is admitted. A row that finished this
+        step is no longer admitted but leaves the batch only at the step's end: it is not counted."""
         with self.wake:
-            return len(self.rows), self.admitted - len(self.rows)
+            running = sum(not r.done.is_set() for r in self.rows)
+            return running, self.admitted - running
 
     def drain(self) -> None:
         """Admit nothing new; what waits and has not started ends now ('draining'); what runs goes on."""
@@ -258,7 +260,9 @@ class Engine:
     @torch.no_grad()
     def _prefill_forward(self, new: list[GenRequest]):
         """Run the new prompts as one left-padded batch: (model output, attention mask, positions)."""
+        now = time.monotonic()
         for r in new:
+            r.started_at = now
             r.generator = torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else None
         ids, mask = (t.to(self.device) for t in left_pad([r.prompt_ids for r in new], self.tok.pad_token_id))
         pos = position_ids(mask)
@@ -301,7 +305,7 @@ class Engine:
         self.last = new_last if first == 0 else torch.cat([self.last[:first], new_last])
         now = time.monotonic()
         for r, token in zip(rows, tokens):
-            r.first_token_at = r.first_token_at or now
+            r.mark_token(now)
             reason = self._append(r, token, now)
             if reason:
                 self._finish(r, reason)

@@ -36,9 +36,21 @@ class GenRequest:
     #                                      draining (never started) | shutdown (cut at the end of a drain)
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
+    started_at: float | None = None      # its (latest) prefill began: the queue time ends here
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    token_gaps: list[float] = field(default_factory=list)  # seconds between successive tokens (inter-token latency)
     done: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None  # seeded sampling, set at prefill
+
+    def mark_token(self, now: float) -> None:
+        """A token came out at `now` (monotonic): the first ends the time to first token, each later one
+        adds an inter-token gap (vLLM's meaning: one observation per token, not a per-request mean)."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+        else:
+            self.token_gaps.append(now - self.last_token_at)
+        self.last_token_at = now
 
     @property
     def worst_tokens(self) -> int:

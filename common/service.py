@@ -28,6 +28,7 @@ log = logging.getLogger("serve")
 OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "bad_method",
             413: "too_large", 415: "bad_media_type", 429: "rate_limited", 499: "cancelled", 500: "error",
             504: "timeout"}
+TOO_LONG = {"context_length_exceeded", "kv_budget_exceeded"}  # 400s counted as "too_long": the prompt or its KV cache
 # How the engine ended a request that did not succeed: (HTTP status, error type, message).
 ENDINGS = {
     "error": (500, "server_error", "generation failed on the server; see its log"),
@@ -60,6 +61,7 @@ class ServerState:
         self.error: str | None = None
         self.draining = False
         self.keys = api_keys(cfg.serve)
+        self.limits = None  # common.rate_limits.RateLimits, set by create_app
         self.device, self.placement, self.sampling, self.kv_budget = None, None, {}, 0  # set once loaded
         self.stats = Stats(lambda: self.engine.load() if self.engine else (0, 0),
                            lambda: (self.engine.kv_in_use(), self.engine.kv_budget) if self.engine else (0, 0))
@@ -74,7 +76,7 @@ class ServerState:
             model, shape = self._load_model()
             self.labels = read_labels(*filter(None, (self.adapter, self.model_dir))) or []
             self.sampling = server_defaults(s, self.model_dir)
-            self.kv_budget, source = kv_budget(shape, s, self.device)
+            self.kv_budget, source = kv_budget(shape, s, self.device, self.cfg.model.gpu_memory_cap_gib)
             self.engine = Engine(model, self.tokenizer, s.max_concurrent, s.max_queue, s.max_queue_wait_s,
                                  s.batch_wait_ms, unhealthy_after=s.unhealthy_after_failures,
                                  unhealthy_window_s=s.unhealthy_window_s, kv_budget=self.kv_budget,
@@ -87,11 +89,12 @@ class ServerState:
 
     def _load_model(self):
         """The model in the serve section's precision and placement (auto: what fits the card)."""
-        from common.loading import load_model, pick_device
-        s = self.cfg.serve
+        from common.loading import cap_gpu_memory, load_model, pick_device
+        s, cap = self.cfg.serve, self.cfg.model.gpu_memory_cap_gib
+        cap_gpu_memory(cap)  # a 10 GB card's budget on a bigger one: placement, KV budget and allocator all see it
         self.device = pick_device()
         shape = model_shape(self.model_dir)
-        self.placement = placement_for(self.model_dir, s.quantization, s, self.adapter)
+        self.placement = placement_for(self.model_dir, s.quantization, s, self.adapter, cap)
         model = load_model(self.model_dir, self.placement.quantization, adapter=self.adapter,
                            quantize_lm_head=self.placement.quantize_lm_head,
                            embed_on_cpu=self.placement.embed_on_cpu).eval()
@@ -145,19 +148,30 @@ class Accounting:
     prompt: object = None     # logged only with serve.log_prompts
     sampling: dict | None = None  # the sampling a generation ran with (the server's defaults filled in)
     deferred: bool = False    # a streaming response: its generator records it at the end
+    generation: object = None  # the GenRequest of a generation: its engine timings go to /metrics
     recorded: bool = False
+
+    def outcome(self, status: int) -> str:
+        # a 503 or a failed generation is counted by its reason (queue_full, draining, engine_error, ...)
+        if status in (500, 503) and self.code:
+            return self.code
+        return "too_long" if status == 400 and self.code in TOO_LONG else OUTCOMES.get(status, f"http_{status}")
 
     def record(self, state: ServerState, status: int) -> None:
         if self.recorded:
             return
         self.recorded = True
-        # a 503 or a failed generation is counted by its reason (queue_full, draining, engine_error, ...)
-        outcome = self.code if status in (500, 503) and self.code else OUTCOMES.get(status, f"http_{status}")
-        seconds = time.monotonic() - self.started
-        state.stats.record(self.endpoint, outcome, seconds, self.tokens_in, self.tokens_out)
+        outcome, seconds = self.outcome(status), time.monotonic() - self.started
+        req = self.generation
+        ttft = state.stats.record_generation(req, self.started, seconds) if req is not None else None
+        state.stats.record(self.endpoint, outcome, seconds, self.tokens_in, self.tokens_out, ttft)
         extra = {"request_id": self.request_id, "client": self.client, "endpoint": self.endpoint, "status": status,
                  "outcome": outcome, "latency_s": round(seconds, 4), "prompt_tokens": self.tokens_in,
                  "completion_tokens": self.tokens_out}
+        if req is not None and req.started_at is not None:
+            extra["queue_s"] = round(req.started_at - req.enqueued, 4)
+        if ttft is not None:
+            extra["ttft_s"] = round(ttft, 4)
         if state.cfg.serve.log_prompts and self.prompt:
             extra["prompt"] = self.prompt
         if self.sampling is not None:
