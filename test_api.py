@@ -138,6 +138,14 @@ def check_rate_limit(api: Api, model: str, n: int) -> Result:
     return Result("rate limit", None, f"no 429 within {n} calls (the per-IP limit is higher)")
 
 
+def read_items(path: Path) -> list[dict]:
+    """The items to classify: a JSON array, or JSON lines (a prepared split), each with text and label."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+
+
 def run(args) -> list[Result]:
     api = Api(args.url, args.api_key, args.timeout)
     try:
@@ -148,7 +156,7 @@ def run(args) -> list[Result]:
     results.append(models)
     if model is None:
         return results
-    items = json.loads(Path(args.data).read_text(encoding="utf-8"))[:args.max_items or None]
+    items = read_items(Path(args.data))[:args.max_items or None]
     results += [check_answers(api, model, items, args.min_accuracy, args.batch), check_chat(api, model, items[0]["text"]),
                 check_stream(api, model)]
     if args.limits:
@@ -160,7 +168,8 @@ def main(argv=None) -> int:
     parser = stage_parser(__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default %(default)s)")
     parser.add_argument("--api-key", help="Bearer key, when the service has API_KEYS")
-    parser.add_argument("--data", default=str(ROOT / "data" / "sample_test.json"), help="items with text and label")
+    parser.add_argument("--data", default=str(ROOT / "data" / "sample_test.json"),
+                        help="items with text and label: a JSON array or JSON lines")
     parser.add_argument("--max-items", type=int, default=0, help="classify only the first N items (0 = all)")
     parser.add_argument("--batch", type=int, default=32, help="texts per /v1/classify call (at most 32)")
     parser.add_argument("--min-accuracy", type=float, default=0.0, help="fail below this accuracy")

@@ -183,10 +183,10 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
     if profile is not None:
         env["profile"] = profile
     chosen = env.get("profile", raw.get("profile"))
-    if chosen not in (None, "none"):
-        if chosen not in profiles:
-            raise ConfigError(f"unknown profile '{chosen}' (config.yaml defines: {', '.join(profiles) or 'none'})")
-        raw = _deep_merge(raw, profiles[chosen] or {})
+    for name in [] if chosen in (None, "none") else [n.strip() for n in str(chosen).split(",")]:
+        if name not in profiles:  # several overlays apply in order: tiny,reviews
+            raise ConfigError(f"unknown profile '{name}' (config.yaml defines: {', '.join(profiles) or 'none'})")
+        raw = _deep_merge(raw, profiles[name] or {})
     for dotted, value in {**env, **(overrides or {})}.items():
         _set_dotted(raw, dotted, value)
     raw["profile"] = None if chosen == "none" else chosen
