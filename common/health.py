@@ -94,6 +94,8 @@ def make_monitor():
             self.latest: list[Finding] = []    # from the latest evaluation: what the run ends with
             self.losses: list[float] = []
             self.norms: list[float] = []
+            self.watched: set = set()           # early findings already logged
+            self.step, self.kinds_before = -1, set()  # the latest evaluated step; the kinds found before it
 
         def note(self, found: list[Finding], early: set[str] = frozenset()) -> None:
             """Log each new finding once: WARN, or INFO for the kinds in `early` (not yet worth a warning)."""
@@ -101,7 +103,9 @@ def make_monitor():
             log, seen = logging.getLogger("train_qwen"), {(f.kind, f.finding) for f in self.findings}
             for f in found:
                 if f.kind in early:
-                    log.info("training health (early, watching): %s", f.line())
+                    if (f.kind, f.finding, f.step) not in self.watched:
+                        self.watched.add((f.kind, f.finding, f.step))
+                        log.info("training health (early, watching): %s", f.line())
                     continue
                 if (f.kind, f.finding) not in seen:
                     log.warning("training health: %s", f.line(), extra=asdict(f))
@@ -130,9 +134,11 @@ def make_monitor():
         def predictions(self, truth, predicted, labels, macro_f1, step) -> None:
             # A first evaluation that still predicts one class is normal early in a run; a finding is a
             # warning once it holds at two evaluations in a row (and the run's end reports the last one).
-            before = {f.kind for f in self.latest}
+            # The run's final evaluation can re-score the step just evaluated: that is not a second look.
+            if step != self.step:
+                self.step, self.kinds_before = step, {f.kind for f in self.latest}
             self.latest = prediction_findings(truth, predicted, labels, macro_f1, step)
-            self.note(self.latest, early={f.kind for f in self.latest if f.kind not in before})
+            self.note(self.latest, early={f.kind for f in self.latest if f.kind not in self.kinds_before})
 
         def ended_degenerate(self) -> list[Finding]:
             """What the run ends with: the latest evaluation's findings, and a run that died (NaN, collapse)."""

@@ -95,3 +95,13 @@ def test_a_loss_that_blows_up_stops_the_run_at_once(tiny_model, runs, tmp_path):
     assert kinds & {"nan_loss", "exploding_grads", "collapsed"}, info["health"]
     if kinds & {"nan_loss", "collapsed"}:  # a dead run: stopped at once, not after 30 steps, and exits 1
         assert proc.returncode == 1 and info["global_step"] < 10, (proc.returncode, info["global_step"])
+
+
+def test_a_finding_warns_only_at_a_second_evaluated_step():
+    from common.health import make_monitor
+    monitor, truth, labels = make_monitor(), ["正面", "负面"] * 4, ["正面", "负面"]
+    monitor.predictions(truth, ["正面"] * 8, labels, 1 / 3, step=20)
+    monitor.predictions(truth, ["正面"] * 8, labels, 1 / 3, step=20)  # the run's end re-scoring step 20
+    assert not monitor.findings and {f.kind for f in monitor.ended_degenerate()} == {"one_class", "at_baseline"}
+    monitor.predictions(truth, ["正面"] * 8, labels, 1 / 3, step=40)
+    assert {f.kind for f in monitor.findings} == {"one_class", "at_baseline"}
