@@ -101,8 +101,9 @@ def serve(model_dir: Path, logs: Path, env: dict[str, str]) -> tuple[subprocess.
             "HOST": "127.0.0.1", "MODEL_PATH": str(model_dir), "LOGS_DIR": str(logs), "PYTHON": sys.executable,
             "QWEN_SERVE_RATE_LIMITS": "100000/minute", "QWEN_SERVE_GLOBAL_RATE_LIMIT": "100000/minute", **env}
     logs.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(["bash", str(ROOT / "start_production.sh")], cwd=ROOT, env=full,
-                            stdout=open(logs / "server.txt", "w"), stderr=subprocess.STDOUT)
+    with open(logs / "server.txt", "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(["bash", str(ROOT / "start_production.sh")], cwd=ROOT, env=full, stdout=out,
+                                stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:

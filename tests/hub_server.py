@@ -23,9 +23,11 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from local_http import Server, read_tree, start, stop  # noqa: F401  (stop: the tests' teardown)
 
 COMMIT = hashlib.sha1(b"tiny/qwen3@main").hexdigest()
 CHUNK = 1 << 20
@@ -45,9 +47,8 @@ class RepoFile:
 
 def load_repo(directory: Path, extra: dict[str, bytes] | None = None) -> dict[str, RepoFile]:
     """Every file under `directory` (and `extra`), safetensors and files over 1 MB as LFS, like the Hub."""
-    contents = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
     files = {}
-    for path, data in {**contents, **(extra or {})}.items():
+    for path, data in read_tree(directory, extra).items():
         lfs = path.endswith(".safetensors") or len(data) > 1_000_000
         sha256 = hashlib.sha256(data).hexdigest() if lfs else None
         pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
@@ -214,24 +215,6 @@ class HubHandler(BaseHTTPRequestHandler):
             self.wfile.write(data[i:i + CHUNK])
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False
-    block_on_close = True  # server_close() joins every request thread: nothing outlives the fixture
-
-
-def serve(hub: Hub) -> tuple[_Server, threading.Thread]:
-    """Start the hub on 127.0.0.1 and a free port (hub.port); stop it with stop()."""
-    handler = type("Handler", (HubHandler,), {"hub": hub})
-    server = _Server(("127.0.0.1", 0), handler)
-    hub.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"hub-{hub.port}",
-                              daemon=True)
-    thread.start()
-    return server, thread
-
-
-def stop(hub: Hub, server: _Server, thread: threading.Thread) -> None:
-    hub.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+def serve(hub: Hub) -> tuple[Server, threading.Thread]:
+    """Start the server on 127.0.0.1 and a free port (hub.port); stop it with stop()."""
+    return start(type("Handler", (HubHandler,), {"hub": hub}), hub, "hub")

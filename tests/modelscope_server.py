@@ -22,18 +22,16 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from local_http import Server, read_tree, start, stop  # noqa: F401  (stop: the tests' teardown)
 
 CHUNK = 1 << 20
 REVISIONS = ("master", "v1.0")  # the default branch and a tag; anything else is an unknown revision
 
 
-def load_files(directory: Path, extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
-    """Every file under `directory` (and `extra`), by its path in the repo."""
-    files = {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-    return {**files, **(extra or {})}
+load_files = read_tree  # a ModelScope repo is its files as they are (no LFS pointers, unlike the Hub's)
 
 
 @dataclass(frozen=True)
@@ -170,24 +168,6 @@ class ModelScopeHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False
-    block_on_close = True  # server_close() joins every request thread: nothing outlives the fixture
-
-
-def serve(ms: ModelScope) -> tuple[_Server, threading.Thread]:
+def serve(ms: ModelScope) -> tuple[Server, threading.Thread]:
     """Start the server on 127.0.0.1 and a free port (ms.port); stop it with stop()."""
-    handler = type("Handler", (ModelScopeHandler,), {"ms": ms})
-    server = _Server(("127.0.0.1", 0), handler)
-    ms.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"ms-{ms.port}",
-                              daemon=True)
-    thread.start()
-    return server, thread
-
-
-def stop(ms: ModelScope, server: _Server, thread: threading.Thread) -> None:
-    ms.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    return start(type("Handler", (ModelScopeHandler,), {"ms": ms}), ms, "ms")
