@@ -48,7 +48,8 @@ class Server:
 
 def start_server(model: Path, logs: Path, conf: str = "gunicorn.conf.py", **env: str) -> Server:
     """gunicorn -c CONF (the real gunicorn.conf.py) with the model and overrides in the environment;
-    waits for /health."""
+    waits until /health is 200 from every worker (WORKERS of them, each loads its own model after the
+    fork, so one can answer while another still says 503 loading)."""
     port = free_port()
     full = {**{k: v for k, v in os.environ.items() if not k.startswith("QWEN_")}, "PORT": str(port),
             "HOST": "127.0.0.1", "MODEL_PATH": str(model), "LOGS_DIR": str(logs), "PYTHONUNBUFFERED": "1",
@@ -57,15 +58,22 @@ def start_server(model: Path, logs: Path, conf: str = "gunicorn.conf.py", **env:
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", conf], cwd=ROOT, env=full,
                             stdout=open(logs / "stdout.txt", "w"), stderr=subprocess.STDOUT)
     server = Server(proc, f"http://127.0.0.1:{port}", logs)
+    workers, healthy = int(env.get("WORKERS", "1")), set()
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"gunicorn exited {proc.returncode}:\n{server.log_text()[-3000:]}")
         try:
-            if requests.get(server.url + "/health", timeout=1).status_code == 200:
-                return server
+            r = requests.get(server.url + "/health", timeout=1)
+            if r.status_code == 200:
+                healthy.add(r.headers.get("X-Worker"))
+                if len(healthy) >= workers:
+                    return server
+                time.sleep(0.02)  # the kernel picks which worker accepts: ask again soon
+                continue
         except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
             pass
         time.sleep(0.3)
     server.stop()
-    raise RuntimeError(f"the server did not become healthy:\n{server.log_text()[-3000:]}")
+    raise RuntimeError(f"{workers - len(healthy)} of {workers} workers did not become healthy:\n"
+                       f"{server.log_text()[-3000:]}")
