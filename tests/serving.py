@@ -34,7 +34,10 @@ class Server:
     def records(self) -> list[dict]:
         """The JSON lines of logs/serve.jsonl: one per finished request, plus the service's own events."""
         path = self.logs / "serve.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        if not path.is_file():
+            return []
+        whole = path.read_text().split("\n")[:-1]  # a last line without its newline is still being written
+        return [json.loads(line) for line in whole if line]
 
     def stop(self) -> int:
         if self.proc.poll() is None:

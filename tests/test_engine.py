@@ -56,10 +56,10 @@ def test_admission_is_bounded_and_the_deadline_stops_generation(model, tokenizer
     with pytest.raises(QueueFull):
         engine.submit(request(tokenizer, "多余", 4))
     late = request(tokenizer, "限时", 10_000)
-    late.deadline = time.monotonic() + 0.3
     for r in held:
         r.cancelled = True  # cancelled rows stop at the next step and free their slots
     assert all(r.done.wait(10) for r in held) and {r.finish_reason for r in held} == {"cancelled"}
+    late.deadline = time.monotonic() + 0.3
     engine.submit(late)
     assert late.done.wait(5) and late.finish_reason == "timeout" and len(late.out_ids) < 10_000
     assert engine.load() == (0, 0) and engine.peak_admitted == 3
@@ -134,8 +134,9 @@ def test_a_failed_prefill_fails_only_the_joining_request(engine, tokenizer):
 def test_a_failed_decode_step_fails_its_rows_and_frees_their_slots(engine, tokenizer):
     rows = [request(tokenizer, f"行{i}", 50) for i in range(2)]
     inject(engine, decode=1)
-    for r in rows:
-        engine.submit(r)
+    with engine.wake:  # both pending before the engine looks, so both are in the failing step
+        for r in rows:
+            engine.submit(r)
     assert all(r.done.wait(10) for r in rows) and {r.finish_reason for r in rows} == {"error"}
     after = request(tokenizer, "之后", 5)
     engine.submit(after)

@@ -60,11 +60,11 @@ def raw_stream(srv, ip: str, max_tokens: int) -> socket.socket:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    """One slot and one queue place (4 s at most), 3 requests a minute per client, a 10 s deadline (and a
+    """One slot and one queue place (6 s at most), 3 requests a minute per client, a 14 s deadline (and a
     token cap high enough that a generation reaches it on any CPU), keys."""
     srv = start_server(tiny_model, tmp_path_factory.mktemp("logs"), API_KEYS="sk-m", TRUSTED_PROXIES="1",
                        RATE_LIMITS="3/minute", MAX_CONCURRENT="1", MAX_QUEUE="1", QWEN_SERVE_MAX_TOKENS="4000",
-                       QWEN_SERVE_REQUEST_TIMEOUT_S="10", QWEN_SERVE_MAX_QUEUE_WAIT_S="4")
+                       QWEN_SERVE_REQUEST_TIMEOUT_S="14", QWEN_SERVE_MAX_QUEUE_WAIT_S="6")
     yield srv
     srv.stop()
 

@@ -24,14 +24,14 @@ def test_trained_run_to_a_served_answer(trained_run, prepared_data, tmp_path):
     server = subprocess.Popen(["bash", str(ROOT / "start_production.sh")], cwd=ROOT, env=env,
                               stdout=open(tmp_path / "server.txt", "w"), stderr=subprocess.STDOUT)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
-        while time.time() < deadline and server.poll() is None:
+        url, deadline, healthy = f"http://127.0.0.1:{port}", time.time() + 300, False
+        while not healthy and time.time() < deadline and server.poll() is None:
             try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                time.sleep(0.5)
-        assert server.poll() is None, (tmp_path / "server.txt").read_text()[-3000:]
+                healthy = requests.get(url + "/health", timeout=1).status_code == 200
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet
+                pass
+            time.sleep(0 if healthy else 0.5)  # 503 while loading: ask again, without hurrying the load
+        assert server.poll() is None and healthy, (tmp_path / "server.txt").read_text()[-3000:]
         api = run_script("test_api.py", "--url", url, "--max-items", "16")
         assert api.returncode == 0, api.stdout + api.stderr
         assert "PASS  models      merged" in api.stdout and "PASS  answers" in api.stdout

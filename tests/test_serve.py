@@ -35,10 +35,11 @@ def server(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def guarded(tiny_model, tmp_path_factory):
-    """API keys, 10/minute per client behind one trusted proxy, a 0.5 s request deadline, one slot."""
+    """API keys, 10/minute per client behind one trusted proxy, a 5 s request deadline, one slot; 4,000
+    new tokens allowed, so a long generation outlasts the deadline on any machine."""
     srv = start_server(tiny_model, tmp_path_factory.mktemp("logs"), API_KEYS="sk-good,sk-other",
-                       RATE_LIMITS="10/minute", TRUSTED_PROXIES="1", QWEN_SERVE_REQUEST_TIMEOUT_S="0.5",
-                       MAX_CONCURRENT="1")
+                       RATE_LIMITS="10/minute", TRUSTED_PROXIES="1", QWEN_SERVE_REQUEST_TIMEOUT_S="5",
+                       MAX_CONCURRENT="1", QWEN_SERVE_MAX_TOKENS="4000")
     yield srv
     srv.stop()
 
@@ -238,7 +239,7 @@ def test_eleventh_request_in_a_minute_is_rate_limited(guarded):
 
 def test_deadline_gives_504_and_frees_the_slot(guarded):
     headers = {"Authorization": "Bearer sk-good", "X-Forwarded-For": "10.0.0.4"}
-    r = requests.post(guarded.url + CHAT, json=chat(max_tokens=512, ignore_eos=True), headers=headers, timeout=30)
+    r = requests.post(guarded.url + CHAT, json=chat(max_tokens=4000, ignore_eos=True), headers=headers, timeout=30)
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
     # the server's only slot: had the timed-out generation kept running, this one would wait past its deadline
     r = requests.post(guarded.url + CHAT, json=chat(max_tokens=2), headers=headers, timeout=30)
@@ -247,7 +248,7 @@ def test_deadline_gives_504_and_frees_the_slot(guarded):
     assert stats["in_flight"] == 0 and stats["rejections"].get("timeout") == 1
     timed_out = [json.loads(line) for line in (guarded.logs / "serve.jsonl").read_text().splitlines()
                  if '"status": 504' in line]
-    assert len(timed_out) == 1 and 0 < timed_out[0]["completion_tokens"] < 512  # it stopped where the deadline fell
+    assert len(timed_out) == 1 and 0 < timed_out[0]["completion_tokens"] < 4000  # it stopped where the deadline fell
 
 
 def test_8bit_serving_on_cpu(tiny_model, tmp_path):
@@ -261,7 +262,7 @@ def test_8bit_serving_on_cpu(tiny_model, tmp_path):
 
 
 def test_sigterm_finishes_in_flight_requests(tiny_model, tmp_path):
-    srv = start_server(tiny_model, tmp_path / "logs")
+    srv = start_server(tiny_model, tmp_path / "logs", QWEN_SERVE_GRACEFUL_TIMEOUT_S="50")
     with cf.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(requests.post, srv.url + CHAT, json=chat(f"问{i}", max_tokens=200, ignore_eos=True),
                                timeout=120) for i in range(3)]
