@@ -53,8 +53,8 @@ def faulty(tiny_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     srv = start_server(tiny_model, logs, conf="tests/faults.conf.py", FAULTS_FILE=str(logs / "faults.json"),
                        RATE_LIMITS="100000/minute", MAX_CONCURRENT="3", MAX_QUEUE="10",
-                       QWEN_SERVE_REQUEST_TIMEOUT_S="60", QWEN_SERVE_UNHEALTHY_AFTER_FAILURES="3",
-                       QWEN_SERVE_MAX_TOKENS="4000")
+                       QWEN_SERVE_REQUEST_TIMEOUT_S="110", QWEN_SERVE_UNHEALTHY_AFTER_FAILURES="3",
+                       QWEN_SERVE_MAX_TOKENS="4000", QWEN_SERVE_MAX_QUEUE_WAIT_S="100")
     def faults(**n):  # written aside, then renamed: the injector never reads half a file
         (logs / "faults.tmp").write_text(json.dumps({"id": uuid.uuid4().hex, **n}))
         (logs / "faults.tmp").replace(logs / "faults.json")
@@ -73,7 +73,7 @@ def test_a_failed_prefill_answers_500_at_once_and_leaves_the_running_batch_alone
     stream, lines = open_stream(faulty, max_tokens=200, ignore_eos=True)
     faulty.faults(prefill=1)
     r, seconds = timed(lambda: requests.post(faulty.url + CHAT, json=chat(), timeout=60))
-    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error" and seconds < 10
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error" and seconds < 1.0, seconds
     events = rest_of(lines)  # the stream that was running goes on to the end
     assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
 
@@ -81,12 +81,12 @@ def test_a_failed_prefill_answers_500_at_once_and_leaves_the_running_batch_alone
 def test_a_failed_decode_step_and_scoring_pass_answer_500_then_the_next_succeed(faulty):
     faulty.faults(decode=1)
     r, seconds = timed(lambda: requests.post(faulty.url + CHAT, json=chat(max_tokens=50), timeout=60))
-    assert r.status_code == 500 and seconds < 10
+    assert r.status_code == 500 and seconds < 1.0, seconds
     assert requests.post(faulty.url + CHAT, json=chat(), timeout=60).status_code == 200
     faulty.faults(score=1)
     body = {"text": "央行降准", "labels": ["货币政策", "股市"]}
     r, seconds = timed(lambda: requests.post(faulty.url + "/v1/classify", json=body, timeout=60))
-    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error" and seconds < 10
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error" and seconds < 1.0, seconds
     assert requests.post(faulty.url + "/v1/classify", json=body, timeout=60).status_code == 200
 
 
@@ -137,7 +137,7 @@ def test_a_client_that_hangs_up_frees_its_slot_and_is_logged_as_cancelled(faulty
     sock.close()
     left = time.monotonic()
     wait_for(lambda: engine_stats(faulty)["in_flight"] == 0, timeout=10)
-    assert time.monotonic() - left < 5  # ~0.15 s here; a slot kept to the end would take a minute
+    assert (freed := time.monotonic() - left) < 1.0, freed  # a slot kept to the end would take a minute
     wait_for(lambda: any(r.get("status") == 499 for r in faulty.records()), timeout=10)
     (record,) = [r for r in faulty.records() if r.get("status") == 499]
     assert record["outcome"] == "cancelled" and record["completion_tokens"] < 4000
@@ -173,13 +173,15 @@ def test_sigterm_refuses_the_queue_at_once_and_finishes_what_runs(tiny_model, tm
         queued = [pool.submit(requests.post, srv.url + CHAT, json=chat(f"排队{i}"), timeout=120) for i in range(5)]
         wait_for(lambda: engine_stats(srv)["queue"] == 5)
         srv.proc.send_signal(signal.SIGTERM)
-        refused = [f.result(timeout=15) for f in queued]  # answered now, not after the three finish
+        sent = time.monotonic()
+        refused = [f.result(timeout=15) for f in queued]
+        assert (took := time.monotonic() - sent) < 1.0, took  # answered now, not after the three finish
         assert [r.status_code for r in refused] == [503] * 5
         assert {r.json()["error"]["code"] for r in refused} == {"draining"} and all("Retry-After" in r.headers
                                                                                  for r in refused)
         sent = time.monotonic()
         wait_for(lambda: requests.get(srv.url + "/health", timeout=1).status_code == 503, timeout=5)
-        assert time.monotonic() - sent < 3  # it answers: before, it hung and the connection reset
+        assert (took := time.monotonic() - sent) < 1.0, took  # before, it hung and the connection reset
         for f in running:
             events = f.result(timeout=120)
             assert events[-1] == "[DONE]" and "choices" in json.loads(events[-2]), events[-2]
