@@ -19,6 +19,11 @@ s = c.serve; print(s.host, s.port, s.front, c.resolve(c.logging.dir), s.max_body
 URL="http://$HOST:$PORT"
 
 if [ "$FRONT" = none ]; then
+  case "$HOST" in
+    127.*|localhost|::1) ;;
+    *) echo "note: gunicorn faces clients on $HOST directly: slow or idle clients can hold its threads;" \
+            "FRONT=nginx puts nginx in front (docs/serving.md, \"Slow clients\")" >&2 ;;
+  esac
   echo "starting gunicorn on $URL (logs: $LOGS/serve.jsonl, $LOGS/gunicorn-*.log); health: $URL/health"
   exec "$PY" -m gunicorn -c gunicorn.conf.py
 fi
