@@ -49,12 +49,26 @@ def as_text(value) -> str | None:
     return json.dumps(value) if isinstance(value, (int, float, bool)) else None
 
 
+def unpaired_surrogate(s: str) -> bool:
+    """JSON may escape half of a UTF-16 pair (\\ud800) alone: Python keeps it, no tokenizer can encode it."""
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+SURROGATE = "holds a lone surrogate escape (such as \\ud800), which is not text"
+
+
 def to_classification(item: Item, text_col: str, label_col: str) -> None:
     if not isinstance(item.raw, dict):
         return item.reject("not an object", "not a JSON object")
     text, label = as_text(item.raw.get(text_col)), as_text(item.raw.get(label_col))
     if text is None or label is None:
         return item.reject("not text", f"'{text_col if text is None else label_col}' is not text")
+    if unpaired_surrogate(text) or unpaired_surrogate(label):
+        return item.reject("not text", f"'{text_col if unpaired_surrogate(text) else label_col}' {SURROGATE}")
     item.record = {"text": clean(text), "label": clean(label)}
     if not item.record["text"] or not item.record["label"]:
         item.reject("empty text" if not item.record["text"] else "empty label")
@@ -67,6 +81,8 @@ def chat_problem(messages) -> str | None:
     for i, m in enumerate(messages, 1):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             return f"turn {i} has no text content"
+        if unpaired_surrogate(m["content"]):
+            return f"turn {i} {SURROGATE}"
         if m.get("role") not in ("system", "user", "assistant"):
             return f"unknown role {m.get('role')!r} in turn {i}"
         if m["role"] == "system" and i > 1:
@@ -227,8 +243,12 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_outputs(out: Path, splits, items, labels, report) -> list[str]:
-    def jsonl(rows):
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    def jsonl(rows) -> str:  # readable Chinese; a rejected row with a lone surrogate keeps its \\u escapes
+        lines = []
+        for r in rows:
+            line = json.dumps(r, ensure_ascii=False)
+            lines.append((json.dumps(r) if unpaired_surrogate(line) else line) + "\n")
+        return "".join(lines)
     counts = {label: sum(n.values()) for label, n in report["counts"]["classes"].items()}
     files = {f"{name}.jsonl": jsonl(it.record for it in splits[name]) for name in SPLITS}
     files[LABELS_FILE] = json.dumps({"task": report["task"], "labels": labels, "counts": counts},

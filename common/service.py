@@ -197,11 +197,19 @@ def parse_body(request, max_bytes: int):
     if len(raw) > max_bytes:
         raise ApiError(413, f"the body is {len(raw)} bytes; the limit is {max_bytes}", code="body_too_large")
     try:
-        return json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"))
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # what the tokenizer and the logs will need
     except UnicodeDecodeError:
         raise ApiError(400, "the body is not valid UTF-8", code="invalid_encoding") from None
+    except UnicodeEncodeError:  # an escape such as \ud800 with no pair: JSON allows it, text cannot hold it
+        raise ApiError(400, "the body holds a lone UTF-16 surrogate escape (such as \\ud800), which is not text",
+                       code="invalid_encoding") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON for this API: it is nested too deeply",
+                       code="invalid_json") from None
+    return body
 
 
 def check_model_name(state: ServerState, model: str | None) -> None:

@@ -164,16 +164,18 @@ def test_jsonl_malformed_line_is_rejected_and_the_rest_read(tiny_model, tmp_path
         "",
         {"content": "央行开展逆回购。", "category": "货币"},
         "[1, 2]",
+        '{"content": "半个\\ud800字符", "category": "货币"}',  # valid JSON, but no text: half a UTF-16 pair
     ])
     proc = prepare(tiny_model, src, tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     files, report = outputs(tmp_path / "out")
     assert report["columns"] == {"text": "content", "label": "category"}
-    assert report["counts"]["read"] == 5 and report["counts"]["kept"] == 3
+    assert report["counts"]["read"] == 6 and report["counts"]["kept"] == 3
     rejected = {r["line"]: r for r in files["rejected"]}
-    assert set(rejected) == {3, 6}
+    assert set(rejected) == {3, 6, 7}
     assert rejected[3]["reason"].startswith("malformed JSON") and rejected[3]["item"] == '{"content": "坏的一行", "category": '
     assert rejected[6]["reason"] == "not a JSON object"
+    assert "lone surrogate" in rejected[7]["reason"] and rejected[7]["item"]["content"] == "半个\ud800字符"
 
 
 def test_missing_column_names_the_columns_there(tiny_model, tmp_path):
