@@ -275,7 +275,9 @@ def create_app(cfg=None):
     s, st = cfg.serve, ServerState(cfg)
     app = Flask("qwen-serve")
     app.extensions["qwen"] = st
-    app.config["MAX_CONTENT_LENGTH"] = s.max_body_bytes
+    # one byte over: a chunked body (no Content-Length) is cut there rather than refused, and parse_body
+    # then sees more than max_body_bytes and answers 413 instead of parsing a truncated body
+    app.config["MAX_CONTENT_LENGTH"] = s.max_body_bytes + 1
     st.limits = rate_limits(app, s, key_func=lambda: client_ip(s.trusted_proxies))
     if st.limits.status is not None:
         st.stats.gauge("qwen_rate_limit_storage_up", "1 while the shared rate-limit storage answers, 0 while down",

@@ -193,9 +193,15 @@ def parse_body(request, max_bytes: int):
     if request.mimetype != "application/json":
         raise ApiError(415, f"send the body as application/json, not {request.mimetype or 'nothing'}",
                        code="unsupported_media_type")
-    raw = request.get_data(cache=False)
+    from werkzeug.exceptions import HTTPException
+    try:
+        raw = request.get_data(cache=False)
+    except HTTPException:  # 413 past MAX_CONTENT_LENGTH: werkzeug's answer stands
+        raise
+    except Exception as e:  # the server's HTTP parser on a broken body (a bad chunk size, a cut connection)
+        raise ApiError(400, f"the request body could not be read: {e}", code="invalid_body") from None
     if len(raw) > max_bytes:
-        raise ApiError(413, f"the body is {len(raw)} bytes; the limit is {max_bytes}", code="body_too_large")
+        raise ApiError(413, f"the body is over the limit of {max_bytes} bytes", code="body_too_large")
     try:
         body = json.loads(raw.decode("utf-8"))
         json.dumps(body, ensure_ascii=False).encode("utf-8")  # what the tokenizer and the logs will need

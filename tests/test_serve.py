@@ -126,6 +126,23 @@ BAD_REQUESTS = [
 ]
 
 
+def test_chunked_bodies_broken_or_too_large_get_4xx(server):
+    import socket
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(body)["error"]["code"] == "invalid_body"
+    too_large = (b"{" + b" " * 100_000 for _ in range(12))  # a generator: requests sends it chunked, no length
+    r = requests.post(server.url + CHAT, data=too_large, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
+
+
 @pytest.mark.parametrize("kwargs,status,message", BAD_REQUESTS, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_REQUESTS)])
 def test_bad_requests_get_4xx_json(server, kwargs, status, message):
     r = requests.post(server.url + CHAT, timeout=30, **kwargs)
