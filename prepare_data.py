@@ -67,8 +67,8 @@ def to_classification(item: Item, text_col: str, label_col: str) -> None:
     text, label = as_text(item.raw.get(text_col)), as_text(item.raw.get(label_col))
     if text is None or label is None:
         return item.reject("not text", f"'{text_col if text is None else label_col}' is not text")
-    if unpaired_surrogate(text) or unpaired_surrogate(label):
-        return item.reject("not text", f"'{text_col if unpaired_surrogate(text) else label_col}' {SURROGATE}")
+    if bad := next((col for col, v in ((text_col, text), (label_col, label)) if unpaired_surrogate(v)), None):
+        return item.reject("not text", f"'{bad}' {SURROGATE}")
     item.record = {"text": clean(text), "label": clean(label)}
     if not item.record["text"] or not item.record["label"]:
         item.reject("empty text" if not item.record["text"] else "empty label")
@@ -236,19 +236,17 @@ def write_atomic(path: Path, text: str) -> None:
     """A temp file beside the target, then a rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        # a lone surrogate (only ever in a rejected JSONL line's raw item) is written as its \\u escape,
+        # which JSON reads back as it was written
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_outputs(out: Path, splits, items, labels, report) -> list[str]:
-    def jsonl(rows) -> str:  # readable Chinese; a rejected row with a lone surrogate keeps its \\u escapes
-        lines = []
-        for r in rows:
-            line = json.dumps(r, ensure_ascii=False)
-            lines.append((json.dumps(r) if unpaired_surrogate(line) else line) + "\n")
-        return "".join(lines)
+    def jsonl(rows):
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     counts = {label: sum(n.values()) for label, n in report["counts"]["classes"].items()}
     files = {f"{name}.jsonl": jsonl(it.record for it in splits[name]) for name in SPLITS}
     files[LABELS_FILE] = json.dumps({"task": report["task"], "labels": labels, "counts": counts},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import select
 import socket
 import threading
@@ -189,6 +190,9 @@ def client_ip(trusted_proxies: int) -> str:
     return request.remote_addr or "unknown"
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair, or a whole pair
+
+
 def parse_body(request, max_bytes: int):
     if request.mimetype != "application/json":
         raise ApiError(415, f"send the body as application/json, not {request.mimetype or 'nothing'}",
@@ -203,8 +207,10 @@ def parse_body(request, max_bytes: int):
     if len(raw) > max_bytes:
         raise ApiError(413, f"the body is over the limit of {max_bytes} bytes", code="body_too_large")
     try:
-        body = json.loads(raw.decode("utf-8"))
-        json.dumps(body, ensure_ascii=False).encode("utf-8")  # what the tokenizer and the logs will need
+        text = raw.decode("utf-8")
+        body = json.loads(text)
+        if SURROGATE_ESCAPE.search(text):  # rare: then check that every string is text the tokenizer can take
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "the body is not valid UTF-8", code="invalid_encoding") from None
     except UnicodeEncodeError:  # an escape such as \ud800 with no pair: JSON allows it, text cannot hold it

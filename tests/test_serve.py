@@ -1,6 +1,7 @@
 """The real gunicorn service on a free localhost port with the tiny model: API, limits, errors, shutdown."""
 import concurrent.futures as cf
 import json
+import socket
 import time
 
 import openai
@@ -127,7 +128,6 @@ BAD_REQUESTS = [
 
 
 def test_chunked_bodies_broken_or_too_large_get_4xx(server):
-    import socket
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
