@@ -6,14 +6,14 @@ steps and seed, answer-only loss on both, one after the other; then each adapter
     python bench_training.py ... --micro          # one batch of 16: forward+backward of each loss path
 
 Each variant trains in its own process (ours: train_qwen.py itself; TRL: `bench_training.py --side trl`),
-so peak RSS (wait4) is that trainer's. Prints a table; writes <output-dir>/bench_training.json with the
-machine, versions and the load average during each run. Needs requirements-bench.txt (trl). On 2 CPU
-cores, 100 steps: ~28 s ours, ~26 s TRL with its GPU path's compact head, ~40 min TRL's CPU defaults
-(10 steps: 228 s). docs/BENCHMARKS.md, "Training side by side with TRL", has the figures.
+so peak RSS (wait4) is that trainer's. Writes <output-dir>/bench_training.json (machine, versions, load
+average). Needs requirements-bench.txt (trl). On 2 CPU cores, 100 steps: ~28 s ours, ~26 s TRL with its GPU
+path's compact head (docs/BENCHMARKS.md, "Training side by side with TRL", has the figures).
 """
 from __future__ import annotations
 
-import common  # noqa: F401, I001  (first: see common/__init__.py)
+from common.logs import quiet_libraries  # noqa: I001  (first: torch logs a notice while it is imported)
+quiet_libraries()
 
 import functools
 import json
@@ -28,16 +28,16 @@ from pathlib import Path
 
 import torch
 
-from common.batching import left_pad, position_ids
 from common.bench import machine
 from common.cli import run_stage
 from common.config import ROOT, UserError
-from common.data import load_splits, read_labels
-from common.loading import load_model, load_tokenizer, pick_device, pick_dtype
-from common.memory import QWEN3_SHAPES
-from common.metrics import classification_metrics
-from common.prompts import IGNORE_INDEX, classification_ids, encode_records
-from common.scoring import score_label_ids
+from common.evaluation.classification_metrics import classification_metrics
+from common.model.batching import left_pad, position_ids
+from common.model.label_scoring import score_label_ids
+from common.model.loading import load_model, load_tokenizer, pick_device, pick_dtype
+from common.model.memory import QWEN3_SHAPES
+from common.text.prepared import load_splits, read_labels
+from common.text.prompts import IGNORE_INDEX, classification_ids, encode_records
 
 STEPS = 100  # the bench's length when --max-steps is not given (the tiny profile trains 300)
 NEVER = "1000000"  # eval/save steps beyond the run: no evaluation or checkpoint while the clock runs
@@ -188,7 +188,7 @@ def read_run(run_dir: Path) -> dict:
 
 
 def test_macro_f1(cfg, adapter: Path) -> dict:
-    """Both adapters through the same label scoring (common/scoring.py) on the test split."""
+    """Both adapters through the same label scoring (common/model/label_scoring.py) on the test split."""
     processed, model_path = cfg.resolve(cfg.data.processed_dir), cfg.resolve(cfg.model.path)
     labels, test = read_labels(processed), load_splits(processed, ("test",))["test"]
     tok = load_tokenizer(model_path)

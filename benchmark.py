@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from common.bench import machine, pct, timed_pool
+from common.bench import machine, percentile, timed_pool
 from common.cli import stage_parser
 from common.config import ROOT, load_config
 
@@ -53,14 +53,14 @@ def load_run(url: str, model: str, texts: list[str], concurrency: int, n: int, m
     lat = [x for x, _ in results]
     return {"concurrency": concurrency, "requests": n, "seconds": round(wall, 2),
             "requests_per_s": round(n / wall, 2), "tokens_per_s": round(sum(t for _, t in results) / wall, 1),
-            "p50_s": round(pct(lat, .5), 3), "p95_s": round(pct(lat, .95), 3)}
+            "p50_s": round(percentile(lat, .5), 3), "p95_s": round(percentile(lat, .95), 3)}
 
 
 # ----------------------------------------------------------------------------- classification
 def classify_rows(url: str, model: str, items: list[dict], labels: list[str], headers, plain: bool,
                   concurrency: int) -> list[dict]:
     """Generating the label through the trained prompt; unless plain, /v1/classify 1 and 32 texts a call."""
-    from common.prompts import build_messages, parse_label
+    from common.text.prompts import build_messages, parse_label
     pcfg = load_config(use_env=False).prompt
     truth = [it["label"] for it in items]
 
@@ -93,7 +93,7 @@ def classify_rows(url: str, model: str, items: list[dict], labels: list[str], he
 
 def model_labels(items: list[dict]) -> list[str]:
     """The labels in the order training put them in the prompt (data.processed_dir/labels.json)."""
-    from common.data import read_labels
+    from common.text.prepared import read_labels
     cfg = load_config(use_env=False)
     return read_labels(cfg.resolve(cfg.data.processed_dir)) or list(dict.fromkeys(it["label"] for it in items))
 
@@ -123,9 +123,9 @@ def overload_run(url: str, model: str, texts: list[str], clients: int, per_clien
     return {"clients": clients, "per_client": per_client, "requests": len(flat), "served": len(ok),
             "refused": len(refused), "codes": codes, "seconds": round(wall, 2),
             "tokens_per_s": round(sum(t for _, _, t in flat) / wall, 1),
-            "admitted_p50_s": round(pct(ok, .5), 3), "admitted_p95_s": round(pct(ok, .95), 3),
+            "admitted_p50_s": round(percentile(ok, .5), 3), "admitted_p95_s": round(percentile(ok, .95), 3),
             "admitted_max_s": round(max(ok, default=float("nan")), 3),
-            "refusal_p50_ms": round(1000 * pct(refused, .5), 1) if refused else None}
+            "refusal_p50_ms": round(1000 * percentile(refused, .5), 1) if refused else None}
 
 
 # ----------------------------------------------------------------------------- in process, no server
@@ -133,8 +133,8 @@ def bare_generate(model_dir: str, texts: list[str], n: int, max_tokens: int) -> 
     """The same prompts through model.generate in this process, one at a time: no service layer."""
     import torch
 
-    from common.loading import load_model, load_tokenizer
-    from common.prompts import prompt_ids
+    from common.model.loading import load_model, load_tokenizer
+    from common.text.prompts import prompt_ids
     tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
     lat, tokens = [], 0
     t_all = time.perf_counter()
@@ -147,7 +147,7 @@ def bare_generate(model_dir: str, texts: list[str], n: int, max_tokens: int) -> 
         tokens += out.shape[1] - ids.shape[1]
     wall = time.perf_counter() - t_all
     return {"concurrency": 1, "requests": n, "seconds": round(wall, 2), "requests_per_s": round(n / wall, 2),
-            "tokens_per_s": round(tokens / wall, 1), "p50_s": round(pct(lat, .5), 3), "p95_s": round(pct(lat, .95), 3)}
+            "tokens_per_s": round(tokens / wall, 1), "p50_s": round(percentile(lat, .5), 3), "p95_s": round(percentile(lat, .95), 3)}
 
 
 # ----------------------------------------------------------------------------- the command line

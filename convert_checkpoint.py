@@ -17,7 +17,8 @@ the model built from the checkpoint's tensors (0, or within 1e-6 in fp32).
 """
 from __future__ import annotations
 
-import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+from common.logs import quiet_libraries  # noqa: I001  (first: torch logs a notice while it is imported)
+quiet_libraries()
 
 import pickle
 import sys
@@ -27,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from common.cli import run_stage
+from common.cli import add_force, run_stage
 from common.config import ConfigError, UserError
-from common.loading import load_tokenizer
-from common.model_files import check_model_dir, copy_extras, dir_size, save_atomically, weight_files, write_manifest
-from common.prompts import probe_records, records_prompt_ids
+from common.model.files import check_model_dir, copy_extras, dir_size, save_atomically, weight_files, write_manifest
+from common.model.loading import load_tokenizer
+from common.text.prompts import probe_records, records_prompt_ids
 
 DEFAULT_PREFIXES = ("module.", "_orig_mod.", "actor.", "_fsdp_wrapped_module.")
 WRAPPER_KEYS = ("state_dict", "model", "module")  # Lightning, most trainers, DeepSpeed
@@ -239,7 +240,7 @@ def add_args(parser) -> None:
     parser.add_argument("--strip", action="append", default=[], metavar="PREFIX",
                         help=f"another key prefix to strip (repeatable; always: {' '.join(DEFAULT_PREFIXES)})")
     parser.add_argument("--allow-missing", action="store_true", help="take tensors the checkpoint lacks from the base")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    add_force(parser)
 
 
 def main(argv=None) -> int:

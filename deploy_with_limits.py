@@ -7,7 +7,7 @@
 Endpoints: POST /v1/chat/completions (stream too), POST /v1/completions, POST /v1/classify,
 GET /v1/models, /health, /stats, /metrics, /dashboard (a live page). Limits (serve section): concurrent
 generations, a bounded wait queue (503 + Retry-After beyond it), per-IP and global rate limits (429; shared
-by workers and instances through Redis, common/rate_limits.py), a request deadline (504, and the
+by workers and instances through Redis, common/serving/rate_limits.py), a request deadline (504, and the
 generation stops), token and body caps, optional Bearer API keys. The model loads once
 per worker process, after gunicorn forks, in a background thread (/health is 503 until it is ready).
 
@@ -16,7 +16,6 @@ runs under; create_app applies those rules (key, rate limits, readiness) and the
 """
 from __future__ import annotations
 
-import base64
 import functools
 import hmac
 import sys
@@ -25,121 +24,99 @@ import uuid
 
 from common.cli import run_stage
 from common.config import load_config
-from common.model_files import check_model_dir, serving_model
-from common.monitoring import WORKER_ID, dashboard, health, metrics, stats
-from common.openai_schema import (ApiError, Params, chat_chunk, chat_response, completion_response, new_id,
-                                  parse_chat, parse_classify, parse_completion, usage)
-from common.rate_limits import check_settings
-from common.service import (OUTCOMES, Accounting, ServerState, capped, check_model_name, classify, client_ip,
-                            generation, log, parse_body, request_ids, resolve_labels, stream, wait)
+from common.model.files import check_model_dir, serving_model
+from common.serving.accounting import OUTCOMES, Accounting, log
+from common.serving.http import client_gone, client_ip, parse_body, presented_key
+from common.serving.monitoring import WORKER_ID, dashboard, health, metrics, stats
+from common.serving.openai_wire import (ApiError, Params, chat_chunk, chat_response, completion_response, new_id,
+                                        parse_chat, parse_classify, parse_completion, usage)
+from common.serving.rate_limits import rate_limit_problems
+from common.serving.worker import Worker
 
 
-def state() -> ServerState:
+def this_worker() -> Worker:
     from flask import current_app
     return current_app.extensions["qwen"]
 
 
+def gone():
+    """Has this request's client hung up? (the worker polls it while the request waits)"""
+    from flask import request
+    return client_gone(request)
+
+
 # ----------------------------------------------------------------------------- the endpoints
-def parsed(parse) -> tuple[ServerState, Params, list[int]]:
+def parsed(w: Worker, parse) -> tuple[Params, list[int], Accounting]:
     """The body as `parse` validates it, for the model served here, its prompt tokenized once."""
     from flask import g, request
-    st = state()
-    p = parse(parse_body(request, st.cfg.serve.max_body_bytes), st.cfg.serve)
-    check_model_name(st, p.model)
-    ids = request_ids(st, p)
-    g.acct.prompt, g.acct.tokens_in = p.messages or p.prompt, len(ids)
-    return st, p, ids
+    p = parse(parse_body(request, w.cfg.serve.max_body_bytes), w.cfg.serve)
+    w.check_model_name(p.model)
+    return p, w.prompt_ids(p, g.acct), g.acct
 
 
-def chat_completions():
+def chat_completions(w: Worker):
     from flask import jsonify
-    st, p, ids = parsed(parse_chat)
+    p, ids, acct = parsed(w, parse_chat)
     rid = new_id("chatcmpl")
     if p.labels is not None:
-        return jsonify(classify_chat(st, p, ids, rid))
-    chunk = lambda text, fin: chat_chunk(rid, st.name, {"content": text} if text else {}, fin)  # noqa: E731
-    req = submit_generation(st, p, ids)
+        return jsonify(classify_chat(w, p, ids, rid, acct))
+    chunk = lambda text, fin: chat_chunk(rid, w.name, {"content": text} if text else {}, fin)  # noqa: E731
+    req = w.generate(p, ids, acct)
     if p.stream:
-        return sse_response(st, req, p, chunk, opening=chat_chunk(rid, st.name, {"role": "assistant", "content": ""}))
-    finish(st, req)
-    return jsonify(chat_response(rid, st.name, req.text, req.finish_reason, usage(len(ids), len(req.out_ids))))
+        return sse_response(w.stream(req, p, chunk, acct, opening=chat_chunk(rid, w.name, {"role": "assistant",
+                                                                                            "content": ""})))
+    w.wait(req, gone, acct)
+    return jsonify(chat_response(rid, w.name, req.text, req.finish_reason, usage(len(ids), len(req.out_ids))))
 
 
-def classify_chat(st: ServerState, p: Params, ids: list[int], rid: str) -> dict:
+def classify_chat(w: Worker, p: Params, ids: list[int], rid: str, acct: Accounting) -> dict:
     """A chat request with `labels`: the answer is one label, scored, with every label's probability."""
-    from flask import g
-
-    from common.prompts import answer_ids
+    from common.text.prompts import answer_ids
     if p.stream:
         raise ApiError(400, "classification ('labels') answers in one piece; send stream: false", param="stream")
-    (label, prob, probs), = classify(st, [ids], resolve_labels(st, p.labels))
-    g.acct.tokens_out = len(answer_ids(st.tokenizer, label))
-    return chat_response(rid, st.name, label, "stop", usage(len(ids), g.acct.tokens_out),
+    (label, prob, probs), = w.classify([ids], w.labels_for(p.labels), gone)
+    acct.tokens_out = len(answer_ids(w.tokenizer, label))
+    return chat_response(rid, w.name, label, "stop", usage(len(ids), acct.tokens_out),
                          {"label": label, "probability": prob, "probabilities": probs})
 
 
-def completions():
+def completions(w: Worker):
     from flask import jsonify
-    st, p, ids = parsed(parse_completion)
+    p, ids, acct = parsed(w, parse_completion)
     rid = new_id("cmpl")
-    req = submit_generation(st, p, ids)
+    req = w.generate(p, ids, acct)
     if p.stream:
-        return sse_response(st, req, p, lambda text, fin: completion_response(rid, st.name, text, fin, None))
-    finish(st, req)
-    return jsonify(completion_response(rid, st.name, req.text, req.finish_reason, usage(len(ids), len(req.out_ids))))
+        return sse_response(w.stream(req, p, lambda text, fin: completion_response(rid, w.name, text, fin, None), acct))
+    w.wait(req, gone, acct)
+    return jsonify(completion_response(rid, w.name, req.text, req.finish_reason, usage(len(ids), len(req.out_ids))))
 
 
-def classify_texts():
+def classify_texts(w: Worker):
     from flask import g, jsonify, request
-
-    from common.prompts import classification_ids
-    st = state()
-    texts, labels, model = parse_classify(parse_body(request, st.cfg.serve.max_body_bytes), st.cfg.serve)
-    check_model_name(st, model)
-    labels = resolve_labels(st, labels)
-    ids = [capped(st, x, "text") for x in classification_ids(st.tokenizer, texts, labels, st.cfg.prompt)]
-    g.acct.tokens_in = sum(map(len, ids))
-    results = classify(st, ids, labels)
-    g.acct.tokens_out = len(results)
-    return jsonify({"id": new_id("cls"), "object": "classification", "model": st.name,
+    texts, labels, model = parse_classify(parse_body(request, w.cfg.serve.max_body_bytes), w.cfg.serve)
+    w.check_model_name(model)
+    labels, acct = w.labels_for(labels), g.acct
+    results = w.classify(w.classification_prompts(texts, labels, acct), labels, gone)
+    acct.tokens_out = len(results)
+    return jsonify({"id": new_id("cls"), "object": "classification", "model": w.name,
                     "results": [{"label": lab, "probability": pr, "probabilities": ps} for lab, pr, ps in results]})
 
 
-def models():
+def models(w: Worker):
     from flask import jsonify
-    st = state()
-    return jsonify({"object": "list", "data": [{"id": st.name, "object": "model",
-                                                "created": int(st.stats.started), "owned_by": "local"}]})
+    return jsonify({"object": "list", "data": [{"id": w.name, "object": "model",
+                                                "created": int(w.stats.started), "owned_by": "local"}]})
 
 
-def submit_generation(st: ServerState, p: Params, ids: list[int]):
-    """Submit the generation; its record notes the sampling it runs with (defaults filled in)."""
-    from flask import g
-    req = generation(st, p, ids)
-    g.acct.sampling, g.acct.generation = req.sampling.as_dict(), req
-    return req
-
-
-def finish(st: ServerState, req) -> None:
-    """Wait for a non-streaming generation; its tokens go to the request's record, however it ended."""
-    from flask import g
-    try:
-        wait(st, req)
-    finally:
-        g.acct.tokens_out = len(req.out_ids)
-
-
-def sse_response(st: ServerState, req, p: Params, chunk, opening: dict | None = None):
-    from flask import Response, g, stream_with_context
-    g.acct.deferred = True  # the stream records itself when it ends
-    body = stream_with_context(stream(st, req, p, chunk, g.acct, opening))
-    return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                  "X-Accel-Buffering": "no"})
+def sse_response(events):
+    from flask import Response, stream_with_context
+    return Response(stream_with_context(events), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # ----------------------------------------------------------------------------- the routes and their rules
 # open: anyone; key: the API key when keys are set; api: the key, the per-IP and global rate limits,
-# and the model loaded (503 while loading or draining).
+# and the model loaded (503 while loading or draining). Every view takes this process's Worker.
 ROUTES = [
     ("POST", "/v1/chat/completions", chat_completions, "api"),
     ("POST", "/v1/completions", completions, "api"),
@@ -152,55 +129,41 @@ ROUTES = [
 ]
 
 
-def presented_key() -> str:
-    """The key a client sent: `Authorization: Bearer <key>`, or HTTP Basic with the key as the password
-    (a browser on /dashboard asks for it once and sends it with the page's /stats polls)."""
-    from flask import request
-    auth = request.headers.get("Authorization", "")
-    if auth.startswith("Bearer "):
-        return auth[7:].strip()
-    if auth.startswith("Basic "):
-        try:
-            return base64.b64decode(auth[6:], validate=True).decode().partition(":")[2]
-        except ValueError:  # not base64, or not UTF-8: no key
-            return ""
-    return ""
-
-
-def check_key(st: ServerState) -> None:
+def check_key(w: Worker) -> None:
     """The key, when keys are set. Failures count per client address (serve.auth_failure_limit):
     past the limit even a right key gets 429 until the window ends, so keys cannot be guessed fast."""
-    from flask import g
-    if not st.keys:
+    from flask import g, request
+    if not w.keys:
         return
-    wait_s = st.limits.auth_wait(g.acct.client)
+    wait_s = w.limits.auth_wait(g.acct.client)
     if wait_s:
-        raise ApiError(429, f"too many failed authentications from this address ({st.limits.auth_failures}); "
+        raise ApiError(429, f"too many failed authentications from this address ({w.limits.auth_failures}); "
                             f"retry in {wait_s}s", type="rate_limit_exceeded", code="auth_failures",
                        headers={"Retry-After": str(wait_s)})
-    given = presented_key()
-    if not any([hmac.compare_digest(given.encode(), k.encode()) for k in st.keys]):  # no short-circuit
-        st.limits.auth_failed(g.acct.client)
+    given = presented_key(request)
+    if not any([hmac.compare_digest(given.encode(), k.encode()) for k in w.keys]):  # no short-circuit
+        w.limits.auth_failed(g.acct.client)
         raise ApiError(401, "missing or invalid API key: send Authorization: Bearer <key>", code="invalid_api_key",
                        headers={"WWW-Authenticate": 'Basic realm="qwen-serve", charset="UTF-8"'})
 
 
-def check_ready(st: ServerState) -> None:
-    if st.limits.refusing():  # serve.rate_limit_storage_down: refuse, and the shared counters are unreachable
-        raise st.unavailable("the rate-limit storage is unreachable and this server counts every request there; "
-                             "retry shortly", "rate_limit_storage_down")
-    if not st.ready():
-        raise st.unavailable(f"the model is {'shutting down' if st.draining else 'not loaded yet'}",
-                             "draining" if st.draining else "loading")
+def check_ready(w: Worker) -> None:
+    if w.limits.refusing():  # serve.rate_limit_storage_down: refuse, and the shared counters are unreachable
+        raise w.unavailable("the rate-limit storage is unreachable and this server counts every request there; "
+                            "retry shortly", "rate_limit_storage_down")
+    if not w.ready():
+        raise w.unavailable(f"the model is {'shutting down' if w.draining else 'not loaded yet'}",
+                            "draining" if w.draining else "loading")
 
 
 def guarded(view, rule: str, limits: list):
     """The view behind its rules, in order: the key, the rate limits, the model loaded."""
     @functools.wraps(view)
     def when_ready():
+        w = this_worker()
         if rule == "api":
-            check_ready(state())
-        return view()
+            check_ready(w)
+        return view(w)
 
     limited = when_ready
     for limit in limits if rule == "api" else []:
@@ -209,7 +172,7 @@ def guarded(view, rule: str, limits: list):
     @functools.wraps(view)
     def with_key():
         if rule != "open":
-            check_key(state())
+            check_key(this_worker())
         return limited()
     return with_key
 
@@ -227,23 +190,28 @@ def rate_limit_headers(limiter, resp) -> None:
         resp.headers["Retry-After"] = str(max(tight.reset_at - int(time.time()), 1))
 
 
-def add_accounting(app, st: ServerState, limiter) -> None:
-    """Every /v1/ request leaves one record (common.service.Accounting); errors are OpenAI-shaped JSON."""
+def add_accounting(app, w: Worker, limiter) -> None:
+    """Every /v1/ request leaves one record (common/serving/accounting.py), written here and only here:
+    when its response is made, or, for a stream, when the stream closes. Errors are OpenAI-shaped JSON."""
     from flask import g, jsonify, request
     from werkzeug.exceptions import HTTPException
 
     @app.before_request
     def start():
         g.acct = Accounting(request.path, request.headers.get("X-Request-ID") or uuid.uuid4().hex,
-                            client_ip(st.cfg.serve.trusted_proxies))
+                            client_ip(request, w.cfg.serve.trusted_proxies))
 
     @app.after_request
     def done(resp):
-        resp.headers["X-Request-ID"] = g.acct.request_id
+        acct = g.acct
+        resp.headers["X-Request-ID"] = acct.request_id
         resp.headers["X-Worker"] = WORKER_ID  # which gunicorn worker answered (the `worker` of its /stats)
         rate_limit_headers(limiter, resp)
-        if request.path.startswith("/v1/") and not g.acct.deferred:
-            g.acct.record(st, resp.status_code)
+        if request.path.startswith("/v1/"):
+            if acct.streaming:  # its status is how the stream ends; the server closes it last
+                resp.call_on_close(lambda: w.record(acct, resp.status_code))
+            else:
+                w.record(acct, resp.status_code)
         return resp
 
     @app.errorhandler(ApiError)
@@ -266,25 +234,26 @@ def add_accounting(app, st: ServerState, limiter) -> None:
 
 def create_app(cfg=None):
     """The Flask app (gunicorn calls this in each worker, after the fork)."""
-    from flask import Flask
+    from flask import Flask, request
 
-    from common.logs import setup_logging
-    from common.rate_limits import rate_limits
+    from common.logs import quiet_libraries, setup_logging
+    from common.serving.rate_limits import rate_limits
+    quiet_libraries()
     cfg = cfg or load_config()
     setup_logging("serve", cfg.resolve(cfg.logging.dir), cfg.logging.level)
-    s, st = cfg.serve, ServerState(cfg)
+    s, w = cfg.serve, Worker(cfg)
     app = Flask("qwen-serve")
-    app.extensions["qwen"] = st
+    app.extensions["qwen"] = w
     # one byte over: a chunked body (no Content-Length) is cut there rather than refused, and parse_body
     # then sees more than max_body_bytes and answers 413 instead of parsing a truncated body
     app.config["MAX_CONTENT_LENGTH"] = s.max_body_bytes + 1
-    st.limits = rate_limits(app, s, key_func=lambda: client_ip(s.trusted_proxies))
-    if st.limits.status is not None:
-        st.stats.gauge("qwen_rate_limit_storage_up", "1 while the shared rate-limit storage answers, 0 while down",
-                       lambda: float(st.limits.status.state() == "ok"))
-    add_accounting(app, st, st.limits.limiter)
+    w.limits = rate_limits(app, s, key_func=lambda: client_ip(request, s.trusted_proxies))
+    if w.limits.status is not None:
+        w.stats.gauge("qwen_rate_limit_storage_up", "1 while the shared rate-limit storage answers, 0 while down",
+                      lambda: float(w.limits.status.state() == "ok"))
+    add_accounting(app, w, w.limits.limiter)
     for method, path, view, rule in ROUTES:
-        app.add_url_rule(path, view_func=guarded(view, rule, st.limits.decorators), methods=[method])
+        app.add_url_rule(path, view_func=guarded(view, rule, w.limits.decorators), methods=[method])
     return app
 
 
@@ -294,7 +263,7 @@ def preflight(cfg) -> list[str]:
     import socket
     model_dir, adapter = serving_model(cfg)
     problems = [f"{d}: {f.message}" for d in filter(None, (model_dir, adapter))
-                for f in check_model_dir(d) if f.level == "fail"] + check_settings(cfg.serve)
+                for f in check_model_dir(d) if f.level == "fail"] + rate_limit_problems(cfg.serve)
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

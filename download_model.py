@@ -33,10 +33,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.cli import run_stage
+from common.cli import add_force, run_stage
 from common.config import ConfigError, UserError
-from common.model_files import MANIFEST, check_model_dir, save_atomically, write_manifest
-from common.tiny_qwen import build_qwen_tokenizer, build_tiny_model
+from common.model.files import MANIFEST, check_model_dir, save_atomically, write_manifest
+from common.model.tiny_qwen import build_qwen_tokenizer, build_tiny_model
 
 def make_tiny(cfg, force: bool) -> Path:
     target = cfg.resolve(cfg.download.tiny_dir)
@@ -336,7 +336,7 @@ def run(cfg, tiny: bool = False, force: bool = False, include=()) -> Path:
 
 def add_args(parser) -> None:
     parser.add_argument("--tiny", action="store_true", help="build the offline tiny Qwen3 instead of downloading")
-    parser.add_argument("--force", action="store_true", help="replace an existing model directory")
+    add_force(parser, "model directory")
     parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
                         help="also fetch repo files matching PATTERN, e.g. 'README.md' (repeatable)")
 

@@ -4,7 +4,7 @@
     python evaluate_model.py --model models/tiny-qwen3-lora --generate     # also free generation + parsing
     python evaluate_model.py --baseline models/other-run/eval-test/metrics.json   # print the deltas
 
-Every label's log-probability is scored after the prompt (common/scoring.py), so each answer is a
+Every label's log-probability is scored after the prompt (common/model/label_scoring.py), so each answer is a
 valid label with a probability. Writes <model>/eval-<split>/: metrics.json (accuracy, macro-F1,
 weighted-F1, per-class precision/recall/F1/support, confusion matrix, the majority-class and uniform
 baselines, a degenerate flag), predictions.jsonl, confusion_matrix.png, and report.md / report.html
@@ -13,7 +13,8 @@ per-class table, the baselines, items/s and latency.
 """
 from __future__ import annotations
 
-import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+from common.logs import quiet_libraries  # noqa: I001  (first: torch logs a notice while it is imported)
+quiet_libraries()
 
 import json
 import sys
@@ -24,16 +25,16 @@ import torch
 
 from common.cli import run_stage
 from common.config import ConfigError
-from common.data import read_jsonl, read_labels
-from common.loading import load_model, load_tokenizer
-from common.metrics import classification_metrics
-from common.model_files import newest_run
-from common.batching import left_pad
-from common.plots import save_confusion_png
-from common.prompts import classification_ids, parse_label
-from common.report import add_baselines, write_report
-from common.scoring import score_label_ids
+from common.evaluation.classification_metrics import classification_metrics
+from common.evaluation.plots import save_confusion_png
+from common.evaluation.report import add_baselines, write_report
+from common.model.batching import left_pad
+from common.model.files import newest_run
+from common.model.label_scoring import score_label_ids
+from common.model.loading import load_model, load_tokenizer
 from common.terminal import ljust_cols
+from common.text.prepared import read_jsonl, read_labels
+from common.text.prompts import classification_ids, parse_label
 
 
 @torch.no_grad()
@@ -64,11 +65,11 @@ def print_table(m: dict, baseline: dict | None) -> None:
 
 def load_served(cfg, model_dir: Path):
     """The model as serving would load it (evaluate.quantization, the serve section's placement)."""
-    from common.loading import adapter_base_path, is_adapter_dir
-    from common.memory import placement_for
+    from common.model.loading import adapter_base_path, is_adapter_dir
+    from common.model.memory import placement_for
     base, adapter = (cfg.resolve(adapter_base_path(model_dir)), model_dir) if is_adapter_dir(model_dir) \
         else (model_dir, None)
-    from common.loading import cap_gpu_memory
+    from common.model.loading import cap_gpu_memory
     cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
     p = placement_for(base, cfg.evaluate.quantization, cfg.serve, adapter, cfg.model.gpu_memory_cap_gib)
     return load_model(base, p.quantization, adapter=adapter, quantize_lm_head=p.quantize_lm_head,
@@ -140,7 +141,7 @@ def run(cfg, output_dir: str | None = None) -> dict:
 
 def run_lines(model_dir: Path) -> list[str]:
     """The evaluated run's provenance, for the terminal (a merged model names its run in manifest.json)."""
-    from common.provenance import describe
+    from common.evaluation.provenance import describe
     run = model_dir
     if not (run / "train_info.json").is_file() and (model_dir / "manifest.json").is_file():
         run = Path(json.loads((model_dir / "manifest.json").read_text()).get("adapter") or model_dir)

@@ -32,17 +32,17 @@ def post_worker_init(worker):
     """SIGTERM drains before gunicorn stops: admission stops at once (what waits gets 503 'draining',
     /health 503) while the worker keeps answering; the running generations get the grace period,
     less a margin to write the last responses; then gunicorn's own graceful exit runs."""
-    state = worker.wsgi.extensions["qwen"]
+    serving = worker.wsgi.extensions["qwen"]
     stop = worker.handle_exit
     grace = max(_s.graceful_timeout_s - 2.0, _s.graceful_timeout_s / 2)
 
     def finish_then_stop(sig):
-        state.finish_running(grace)
+        serving.finish_running(grace)
         stop(sig, None)
 
     def drain_then_exit(sig, frame):
-        if not state.draining:
-            state.drain()
+        if not serving.draining:
+            serving.drain()
             threading.Thread(target=finish_then_stop, args=(sig,), name="drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, drain_then_exit)

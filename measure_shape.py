@@ -39,7 +39,7 @@ LABELS = ["正面", "负面"]
 
 # ----------------------------------------------------------------------------- the model of that shape
 def shape_config(name: str, cfg) -> dict:
-    from common.memory import QWEN3_SHAPES
+    from common.model.memory import QWEN3_SHAPES
     if name == "tiny":
         t = cfg.tiny
         return dict(QWEN3_SHAPES["Qwen3-8B"], hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
@@ -57,8 +57,8 @@ def build_shape(name: str, cfg, target: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
 
-    from common.model_files import MANIFEST, save_atomically, write_manifest
-    from common.tiny_qwen import build_qwen_tokenizer
+    from common.model.files import MANIFEST, save_atomically, write_manifest
+    from common.model.tiny_qwen import build_qwen_tokenizer
     if (target / MANIFEST).is_file():
         return target
     config = AutoConfig.for_model(**{**shape_config(name, cfg), "bos_token_id": 151643, "eos_token_id": 151645,
@@ -84,7 +84,7 @@ def build_shape(name: str, cfg, target: Path) -> Path:
 # ----------------------------------------------------------------------------- serving
 def prompt_of(tokenizer, tokens: int) -> list[dict]:
     """A user message whose chat prompt is at most `tokens` tokens, as close as whole characters get."""
-    from common.prompts import prompt_ids
+    from common.text.prompts import prompt_ids
     def length(text: str) -> int:
         return len(prompt_ids(tokenizer, [{"role": "user", "content": text}]))
     text = ""
@@ -163,7 +163,7 @@ def serving_figures(url: str, messages: list[dict], args) -> dict:
 
 def serve_part(model_dir: Path, args, out: Path, result: dict) -> dict:
     """Each --quant in turn (8-bit, then 4-bit); each one's figures are saved as soon as they exist."""
-    from common.loading import load_tokenizer
+    from common.model.loading import load_tokenizer
     messages = prompt_of(load_tokenizer(model_dir), args.prompt_tokens)
     results = result.setdefault("serve", {})
     for quant in args.quant or ("8bit", "4bit"):
@@ -193,7 +193,7 @@ def synthetic_data(tokenizer, out: Path, tokens: int, n: int = 64) -> Path:
 
 def train_part(model_dir: Path, args, out: Path) -> dict:
     from common.config import load_config
-    from common.loading import load_tokenizer
+    from common.model.loading import load_tokenizer
     cfg = load_config(profile="none", use_env=False)
     processed = synthetic_data(load_tokenizer(model_dir), out, cfg.data.max_tokens)
     cmd = [sys.executable, str(ROOT / "train_qwen.py"), "--model", str(model_dir), "--set",
@@ -214,7 +214,7 @@ def train_part(model_dir: Path, args, out: Path) -> dict:
 
 
 def merge_part(model_dir: Path, args, out: Path) -> dict:
-    from common.loading import fitting_device
+    from common.model.loading import fitting_device
     device = fitting_device(model_dir, args.gpu_memory_gib)
     found = {"device": device, "weights_gb": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
                                                    / 1e9, 2)}
@@ -233,7 +233,7 @@ def merge_part(model_dir: Path, args, out: Path) -> dict:
 def estimates(name: str, cfg, card_gib: float | None) -> dict:
     """verify_setup's figures for this shape, so each measurement stands beside its estimate."""
     from common.config import load_config
-    from common.memory import Placement, choose_placement, serving_fit, training_fit
+    from common.model.memory import Placement, choose_placement, serving_fit, training_fit
     plain = load_config(profile="none", use_env=False)
     shape = shape_config(name, cfg)
     out = {}

@@ -14,7 +14,8 @@ best label, fails the merge and leaves nothing at the target.
 """
 from __future__ import annotations
 
-import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+from common.logs import quiet_libraries  # noqa: I001  (first: torch logs a notice while it is imported)
+quiet_libraries()
 
 import json
 import math
@@ -27,8 +28,8 @@ import yaml
 
 from common.cli import add_force, run_stage
 from common.config import ConfigError, UserError
-from common.data import held_out_records, read_labels
-from common.loading import (
+from common.text.prepared import held_out_records, read_labels
+from common.model.loading import (
     adapter_base_path,
     cap_gpu_memory,
     fitting_device,
@@ -38,9 +39,9 @@ from common.loading import (
     load_tokenizer,
     pick_dtype,
 )
-from common.model_files import check_model_dir, copy_extras, dir_size, newest_run, save_atomically, write_manifest
-from common.prompts import probe_records, records_prompt_ids
-from common.scoring import score_label_ids
+from common.model.files import check_model_dir, copy_extras, dir_size, newest_run, save_atomically, write_manifest
+from common.model.label_scoring import score_label_ids
+from common.text.prompts import probe_records, records_prompt_ids
 
 TAIL_POSITIONS = 16  # logits compared at each prompt's last positions: every layer feeds them, and
 #                      the last one is where the answer starts; all positions x 151,936 would be GBs

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from common.cli import run_stage
 from common.config import ROOT
-from common.data import LABELS_FILE, SPLITS, DataError
-from common.prompts import encode_records
-from common.reading import Item, Table, live, pick_column, read_items
 from common.terminal import ljust_cols
+from common.text.prepared import LABELS_FILE, SPLITS, DataError
+from common.text.prompts import encode_records
+from common.text.reading import Item, Table, live, pick_column, read_items
 
 # Column names tried in this order (case-insensitive) when --text-col / --label-col are not given.
 TEXT_NAMES = ("text", "content", "sentence", "title", "news", "review", "comment",
@@ -294,7 +294,7 @@ def load_tok(model_dir: Path):
     if not (model_dir / "tokenizer_config.json").is_file():
         raise DataError(f"no model at {shown(model_dir)}; run `python download_model.py --tiny` (the CPU demo) "
                         "or `python download_model.py` first, or pass --model DIR")
-    from common.loading import load_tokenizer  # imports torch: not needed for --help or an early error
+    from common.model.loading import load_tokenizer  # imports torch: not needed for --help or an early error
     try:
         return load_tokenizer(model_dir)
     except (OSError, ValueError) as e:

@@ -4,7 +4,7 @@
     python quantize_model.py --bits 4              # NF4 with double quantization -> models/<run>-merged-nf4/
     python quantize_model.py --model models/news-merged --output models/news-int8 --force
 
-The 16-bit model is loaded with the bitsandbytes config (common/loading.py) and saved as it is:
+The 16-bit model is loaded with the bitsandbytes config (common/model/loading.py) and saved as it is:
 config.json carries its quantization_config, so a plain AutoModelForCausalLM.from_pretrained(copy)
 comes back quantized. Beside the weights: tokenizer, chat template, generation config, labels.json,
 manifest.json (written last); the directory appears only complete (written beside it, then renamed).
@@ -16,7 +16,8 @@ Make the copy on the kind of machine that serves it: on the CPU the layers that 
 """
 from __future__ import annotations
 
-import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+from common.logs import quiet_libraries  # noqa: I001  (first: torch logs a notice while it is imported)
+quiet_libraries()
 
 import json
 import sys
@@ -27,11 +28,11 @@ import torch
 
 from common.cli import add_force, run_stage
 from common.config import ConfigError, UserError
-from common.data import held_out_records, read_labels
-from common.loading import cap_gpu_memory, fitting_device, free_memory, load_model, load_tokenizer
-from common.model_files import check_model_dir, copy_extras, newest_merged, save_atomically, write_manifest
-from common.prompts import probe_records, records_prompt_ids
-from common.scoring import score_label_ids
+from common.model.files import check_model_dir, copy_extras, newest_merged, save_atomically, write_manifest
+from common.model.label_scoring import score_label_ids
+from common.model.loading import cap_gpu_memory, fitting_device, free_memory, load_model, load_tokenizer
+from common.text.prepared import held_out_records, read_labels
+from common.text.prompts import probe_records, records_prompt_ids
 
 MODES = {8: ("8bit", "int8", "Linear8bitLt"), 4: ("4bit", "nf4", "Linear4bit")}  # bits -> load mode, suffix, layer
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from common.bench import pct
+from common.bench import percentile
 from common.cli import stage_parser
 from common.config import ROOT
 
@@ -76,7 +76,7 @@ def check_answers(api: Api, model: str, items: list[dict], min_accuracy: float, 
     acc = sum(p == it["label"] for p, it in zip(predicted, items)) / len(items)
     return Result("answers", acc >= min_accuracy,
                   f"accuracy {acc:.3f} on {len(items)} items in {len(latencies)} calls; per call p50 "
-                  f"{1000 * pct(latencies, .5):.0f} ms, p95 {1000 * pct(latencies, .95):.0f} ms; "
+                  f"{1000 * percentile(latencies, .5):.0f} ms, p95 {1000 * percentile(latencies, .95):.0f} ms; "
                   f"{1000 * sum(latencies) / len(items):.1f} ms per item")
 
 

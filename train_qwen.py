@@ -12,7 +12,8 @@ The loss sees only the answer tokens (label + <|im_end|>), through the prompt co
 """
 from __future__ import annotations
 
-import common  # noqa: F401, I001  (first: see common/__init__.py; quiets a notice `import torch` causes)
+from common.logs import quiet_libraries  # noqa: I001  (first: torch logs a notice while it is imported)
+quiet_libraries()
 
 import dataclasses
 import json
@@ -29,19 +30,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from common.batching import left_pad, position_ids
-from common.cli import run_stage
+from common.cli import add_force, run_stage
 from common.config import ConfigError
-from common.data import LABELS_FILE, data_hash, load_splits, read_labels
-from common.loading import (TRAIN_METHODS, cap_gpu_memory, gpu_free_bytes, load_tokenizer, pick_device, pick_dtype,
-                            quantization_config)
-from common.memory import model_shape, training_fit
-from common.metrics import classification_metrics
-from common.prompts import IGNORE_INDEX, classification_ids, encode_records
-from common.health import make_monitor
-from common.plots import save_training_curves
-from common.provenance import run_provenance
-from common.scoring import score_label_ids
+from common.evaluation.classification_metrics import classification_metrics
+from common.evaluation.plots import save_training_curves
+from common.evaluation.provenance import run_provenance
+from common.evaluation.training_health import make_monitor
+from common.model.batching import left_pad, position_ids
+from common.model.label_scoring import score_label_ids
+from common.model.loading import (TRAIN_METHODS, cap_gpu_memory, gpu_free_bytes, load_tokenizer, pick_device,
+                                  pick_dtype, quantization_config)
+from common.model.memory import model_shape, training_fit
+from common.text.prepared import LABELS_FILE, data_hash, load_splits, read_labels
+from common.text.prompts import IGNORE_INDEX, classification_ids, encode_records
 
 log = logging.getLogger("train_qwen")
 
@@ -76,7 +77,7 @@ def make_trainer_class():
         def __init__(self, *args, val_records=None, labels=None, prompt_cfg=None, eval_batch_size=8, health=None,
                      **kw):
             super().__init__(*args, **kw)
-            self.health = health  # common/health.py's monitor: what the predictions say, at each evaluation
+            self.health = health  # common/evaluation/training_health.py's monitor: what the predictions say, at each evaluation
             self.model_accepts_loss_kwargs = False  # mean loss per micro-batch; Trainer scales for accumulation
             self.val_records, self.label_set, self.prompt_cfg = val_records or [], labels or [], prompt_cfg
             self.score_batch_size = eval_batch_size
@@ -232,7 +233,7 @@ def make_log_callback():
     return JsonLog()
 
 
-def check_settings(cfg) -> tuple[Path, Path]:
+def training_inputs(cfg) -> tuple[Path, Path]:
     """(base model dir, prepared data dir), after the checks that need no model loaded."""
     import importlib.util
     t = cfg.train
@@ -288,7 +289,7 @@ def run(cfg, resume: bool = False, force: bool = False) -> dict:
     t, device = cfg.train, pick_device()
     seed_everything(t)
     cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
-    model_path, processed = check_settings(cfg)
+    model_path, processed = training_inputs(cfg)
     run_dir, resume_from = run_paths(cfg, resume, force)
     splits = load_splits(processed, ("train", "val"))
     labels = read_labels(processed)
@@ -343,7 +344,7 @@ def report(figures: dict, strict: bool = False) -> int:
 
 def add_args(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    parser.add_argument("--force", action="store_true", help="replace an existing run directory")
+    add_force(parser, "run directory")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the run ends degenerate (health findings)")
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from common.cli import run_stage
 from common.config import ROOT
-from common.loading import TRAIN_METHODS
-from common.memory import (GIB, choose_placement, effective_concurrency, kv_bytes_per_token, model_shape,
-                           serving_fit, training_fit)
-from common.model_files import check_model_dir, serving_model
+from common.model.loading import TRAIN_METHODS
+from common.model.memory import (GIB, choose_placement, effective_concurrency, kv_bytes_per_token, model_shape,
+                                 serving_fit, training_fit)
+from common.model.files import check_model_dir, serving_model
 
 
 @dataclass
@@ -97,8 +97,6 @@ def check_bitsandbytes() -> Check:
     try:
         import bitsandbytes as bnb
         import torch
-
-        import common.loading  # noqa: F401  (quiets bitsandbytes' import-time notices)
     except Exception as e:  # a broken native library raises more than ImportError
         return Check("bitsandbytes", "FAIL", f"import failed: {e}", "pip install -r requirements.txt")
     backend = "CUDA" if torch.cuda.is_available() else "CPU"
@@ -129,7 +127,7 @@ def check_model(model_dir: Path) -> Check:
 def check_model_loads(model_dir: Path) -> Check:
     """The tokenizer loads and renders the chat template; catches a broken tokenizer early."""
     try:
-        from common.loading import load_tokenizer
+        from common.model.loading import load_tokenizer
         tok = load_tokenizer(model_dir)
         tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     except Exception as e:  # anything here means serving and training would fail the same way

@@ -1,9 +1,11 @@
-"""What the stage scripts share, one place each: config, prompts, model loading, model files, logging.
+"""What the stage scripts share, in wings by who uses them (docs/README.md draws the map):
 
-torch 2.13 imports bitsandbytes while torch itself is imported (a device-backend plugin), and its
-CPU backend then logs that the optional `kernels` package (which would fetch code from a hub) is
-missing. The built-in CPU path works without it, so that notice is dropped here, before any torch.
+    text/        reading users' files, the prepared data, the prompt contract
+    model/       loading, memory, model files, the tiny Qwen3, batching, label scoring   (may import text/)
+    evaluation/  classification metrics, training health, the report, plots, provenance (may import text/, model/)
+    serving/     the engine, the worker, the wire format, limits, monitoring             (may import all above)
+
+config.py (and config_schema.py), cli.py, logs.py, bench.py and terminal.py sit at the top: every wing
+may import them, and they import no wing. A wing imports only downward; tests/test_structure.py checks it.
+Importing this package does nothing else.
 """
-import logging
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

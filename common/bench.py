@@ -1,5 +1,6 @@
 """What the measuring scripts share (benchmark.py, measure_shape.py, test_api.py): the machine's name,
-percentiles, and running jobs from N clients at once."""
+percentiles (the service's /stats ranks its latencies with the same rule), and running jobs from N
+clients at once."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -23,10 +24,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}"
 
 
-def pct(xs: list[float], q: float) -> float:
-    """The q-quantile by nearest rank (NaN for no data)."""
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile by nearest rank (NaN for no data): the one rule for every figure the toolkit
+    reports, from benchmark.py's p95 to the service's /stats."""
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def quantiles(xs: list[float], qs=(0.5, 0.95)) -> dict:
+    """{"p50": ..., "p95": ...} of xs, rounded, by percentile(); None when there is nothing to rank."""
+    return {f"p{round(q * 100)}": round(percentile(xs, q), 4) if xs else None for q in qs}
 
 
 def timed_pool(fn, jobs: list, concurrency: int) -> tuple[list, float]:

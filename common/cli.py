@@ -14,7 +14,7 @@ import typing
 from dataclasses import fields
 
 from common.config import Config, ConfigError, UserError, load_config, parse_text
-from common.logs import setup_logging
+from common.logs import quiet_libraries, setup_logging
 
 
 def stage_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -55,9 +55,9 @@ def add_config_args(parser: argparse.ArgumentParser, section: str | None = None,
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
-def add_force(parser: argparse.ArgumentParser) -> None:
-    """--force: the stages that write a directory refuse to replace one without it."""
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+def add_force(parser: argparse.ArgumentParser, what: str = "output directory") -> None:
+    """--force, the one definition: the stages that write a directory refuse to replace one without it."""
+    parser.add_argument("--force", action="store_true", help=f"replace an existing {what}")
 
 
 def config_from_args(args: argparse.Namespace, section: str | None = None) -> Config:
@@ -82,6 +82,7 @@ def run_stage(name: str, doc: str | None, run, *, section: str | None = None, mo
     """The one stage entry point: `run(cfg, args)` does the work, `report(result)` prints it and may
     return an exit status. A UserError, or a file that cannot be read or written (OSError, bad JSON),
     is one line on stderr and exit 1; Ctrl-C is exit 130."""
+    quiet_libraries()  # a stage that imports torch at its top has called it already, before that import
     parser = stage_parser(doc)
     if add_args is not None:
         add_args(parser)

@@ -1,4 +1,4 @@
-"""Configuration: config.yaml holds every default once; common/schema.py its types; this module reads it.
+"""Configuration: config.yaml holds every default once; common/config_schema.py its types; this module reads it.
 
 Order of precedence (later wins): config.yaml -> the selected profile's overlay -> environment
 variables (and .env) for deployment knobs -> `--set section.key=value` -> a stage's own flags.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from common.schema import ROOT  # the repo root; config paths are relative to it
+from common.config_schema import ROOT  # the repo root; config paths are relative to it
 
 DEFAULT_CONFIG = ROOT / "config.yaml"
 
@@ -30,10 +30,10 @@ class ConfigError(UserError, ValueError):
     """A user-fixable problem with config.yaml, a profile, an env variable or a flag."""
 
 
-# The schema, one dataclass a section (common/schema.py); re-exported: the stages import them from here.
-from common.schema import (  # noqa: E402
-    Config, DataConfig, DownloadConfig, EvaluateConfig, LoggingConfig, MergeConfig, ModelConfig, PromptConfig,
-    QuantizeConfig, ServeConfig, TinyConfig, TrainConfig, VerifyConfig)
+# The schema, one dataclass a section (common/config_schema.py); re-exported: the stages import them from here.
+from common.config_schema import (  # noqa: E402
+                                  Config, DataConfig, DownloadConfig, EvaluateConfig, LoggingConfig, MergeConfig, ModelConfig, PromptConfig,
+                                  QuantizeConfig, ServeConfig, TinyConfig, TrainConfig, VerifyConfig)
 
 __all__ = ["ROOT", "Config", "ConfigError", "DataConfig", "DownloadConfig", "EvaluateConfig", "ENV_KEYS",
            "LoggingConfig", "MergeConfig", "ModelConfig", "PromptConfig", "QuantizeConfig", "ServeConfig",

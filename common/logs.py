@@ -1,11 +1,46 @@
-"""One logging setup for every stage: readable lines on the terminal, JSON lines in logs/<stage>.jsonl."""
+"""One logging setup for every stage: readable lines on the terminal, JSON lines in logs/<stage>.jsonl;
+and the one place where the libraries' own noise is quieted (quiet_libraries)."""
 from __future__ import annotations
 
 import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
+
+NOISY = ("urllib3", "filelock", "httpx", "huggingface_hub")  # request-by-request INFO lines
+
+
+class _OncePerMessage(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def quiet_libraries() -> None:
+    """Drop what the libraries log that a user cannot act on. Every stage calls it first, before it
+    imports torch (run_stage does too; calling it again changes nothing):
+    - torch 2.13 imports bitsandbytes while torch itself is imported (a device-backend plugin), and its CPU
+      backend then logs that the optional `kernels` package (which would fetch code from a hub) is
+      missing; the built-in CPU path works without it;
+    - bitsandbytes warns on every 8-bit matmul on the CPU (the fp16 cast): once is enough;
+    - peft still calls a deprecated transformers name (is_gradient_checkpointing);
+    - HTTP and file-lock libraries log every request at INFO."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    matmul = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OncePerMessage) for f in matmul.filters):
+        matmul.addFilter(_OncePerMessage())
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class JsonLines(logging.Formatter):
@@ -58,6 +93,5 @@ def setup_logging(stage: str, logs_dir: str | Path | None = "logs", level: str =
         file = logging.FileHandler(Path(logs_dir) / f"{stage}.jsonl", encoding="utf-8")
         file.setFormatter(JsonLines())
         root.addHandler(file)
-    for noisy in ("urllib3", "filelock", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_libraries()
     return logging.getLogger(stage)

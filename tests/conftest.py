@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
-    from common.loading import load_tokenizer
+    from common.model.loading import load_tokenizer
     return load_tokenizer(tiny_model)
 
 

@@ -18,10 +18,10 @@ _spec.loader.exec_module(_real)
 globals().update({k: v for k, v in vars(_real).items() if not k.startswith("__") and k != "post_worker_init"})
 
 
-def _arm(state, path: Path) -> None:
-    while state.engine is None:
+def _arm(serving, path: Path) -> None:
+    while serving.engine is None:
         time.sleep(0.05)
-    engine = state.engine
+    engine = serving.engine
     causal = engine.model.get_base_model() if hasattr(engine.model, "get_base_model") else engine.model
     body, armed = causal.model, {"id": None}
     real = body.forward
@@ -44,5 +44,5 @@ def _arm(state, path: Path) -> None:
 
 def post_worker_init(worker):
     _real.post_worker_init(worker)
-    state = worker.wsgi.extensions["qwen"]
-    threading.Thread(target=_arm, args=(state, Path(os.environ["FAULTS_FILE"])), daemon=True).start()
+    serving = worker.wsgi.extensions["qwen"]
+    threading.Thread(target=_arm, args=(serving, Path(os.environ["FAULTS_FILE"])), daemon=True).start()

@@ -89,7 +89,7 @@ def test_secrets_come_from_the_environment(monkeypatch, tmp_path):
     keys.write_text("# one a line\nsk-file\n")
     monkeypatch.setenv("API_KEYS", "sk-a,sk-b")
     monkeypatch.setenv("API_KEYS_FILE", str(keys))
-    from common.service import api_keys
+    from common.serving.worker import api_keys
     assert api_keys(load_config().serve) == ["sk-a", "sk-b", "sk-file"]
 
 

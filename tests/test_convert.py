@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_script
 
-from common.model_files import check_model_dir
+from common.model.files import check_model_dir
 from convert_checkpoint import DEFAULT_PREFIXES, strip_key
 
 

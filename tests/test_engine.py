@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from common.engine import Draining, Engine, GenRequest, QueueFull, ScoreRequest
-from common.loading import load_model
-from common.prompts import prompt_ids
+from common.model.loading import load_model
+from common.serving.engine import Draining, Engine, GenRequest, QueueFull, ScoreRequest
+from common.text.prompts import prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_admission_is_bounded_and_the_deadline_stops_generation(model, tokenizer
     late.deadline = time.monotonic() + 0.3
     engine.submit(late)
     assert late.done.wait(5) and late.finish_reason == "timeout" and len(late.out_ids) < 10_000
-    assert engine.load() == (0, 0) and engine.peak_admitted == 3
+    assert engine.occupancy() == (0, 0) and engine.peak_admitted == 3
 
 
 def test_stop_strings_and_streamed_text(model, tokenizer):
@@ -173,10 +173,10 @@ def test_repeated_failures_show_in_health_and_a_success_clears_them(engine, toke
         r = request(tokenizer, f"坏{i}", 4)
         engine.submit(r)
         assert r.done.wait(10) and r.finish_reason == "error"
-    assert "prefill: RuntimeError: injected fault" in engine.health()
+    assert "prefill: RuntimeError: injected fault" in engine.problem()
     ok = request(tokenizer, "好", 4)
     engine.submit(ok)
-    assert ok.done.wait(10) and ok.finish_reason == "length" and engine.health() is None
+    assert ok.done.wait(10) and ok.finish_reason == "length" and engine.problem() is None
 
 
 def test_drain_ends_what_waits_and_finishes_what_runs(tiny_model, tokenizer):

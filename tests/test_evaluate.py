@@ -4,8 +4,8 @@ import json
 import pytest
 from conftest import run_script
 
-from common.metrics import classification_metrics
-from common.report import add_baselines, baselines
+from common.evaluation.classification_metrics import classification_metrics
+from common.evaluation.report import add_baselines, baselines
 
 
 def test_metrics_against_a_hand_computed_confusion_matrix():
@@ -81,3 +81,16 @@ def test_degenerate_predictions_are_flagged(predicted, reasons):
     m = add_baselines(classification_metrics(truth, predicted, labels), truth, predicted)
     assert m["degenerate"] == bool(reasons) and len(m["degenerate_reasons"]) == len(reasons)
     assert all(want in got for want, got in zip(reasons, m["degenerate_reasons"]))
+
+
+@pytest.mark.parametrize("predicted", [["a"] * 4, ["b"] * 4, ["a", "a", "b", "a"], ["a", "a", "a", "b"],
+                                       ["b", "a", "a", "a"]])
+def test_the_report_and_training_health_agree_on_a_degenerate_run(predicted):
+    """One rule: the evaluation report flags a run degenerate exactly when training health does, same words."""
+    from common.evaluation.training_health import prediction_findings
+    truth, labels = ["a", "a", "a", "b"], ["a", "b"]
+    m = add_baselines(classification_metrics(truth, predicted, labels), truth, predicted)
+    health = [f for f in prediction_findings(truth, predicted, labels, m["macro_f1"], step=1)
+              if f.kind in ("one_class", "at_baseline")]
+    assert m["degenerate"] == bool(health)
+    assert m["degenerate_reasons"] == [f.finding for f in health]

@@ -8,7 +8,7 @@ import random
 import pytest
 from conftest import run_script
 
-from common.health import collapse_finding, grad_finding, loss_finding, prediction_findings
+from common.evaluation.training_health import collapse_finding, grad_finding, loss_finding, prediction_findings
 
 
 def test_prediction_findings_by_their_definitions():
@@ -98,7 +98,7 @@ def test_a_loss_that_blows_up_stops_the_run_at_once(tiny_model, runs, tmp_path):
 
 
 def test_a_finding_warns_only_at_a_second_evaluated_step():
-    from common.health import make_monitor
+    from common.evaluation.training_health import make_monitor
     monitor, truth, labels = make_monitor(), ["正面", "负面"] * 4, ["正面", "负面"]
     monitor.predictions(truth, ["正面"] * 8, labels, 1 / 3, step=20)
     monitor.predictions(truth, ["正面"] * 8, labels, 1 / 3, step=20)  # the run's end re-scoring step 20

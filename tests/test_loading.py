@@ -1,9 +1,9 @@
-"""The tiny model loads with the plain Auto classes and through common.loading, in 8-bit and 4-bit too."""
+"""The tiny model loads with the plain Auto classes and through common.model.loading, in 8-bit and 4-bit too."""
 import pytest
 import torch
 
-from common.loading import load_model, pick_device, pick_dtype, resolve_quantization
-from common.prompts import classification_ids
+from common.model.loading import load_model, pick_device, pick_dtype, resolve_quantization
+from common.text.prompts import classification_ids
 
 
 def test_plain_auto_classes_load_it(tiny_model):
@@ -78,7 +78,7 @@ def test_generation_stops_at_im_end(tiny_model, tokenizer, prompt_ids):
 def test_embedding_in_cpu_memory_gives_identical_logits(tiny_model, prompt_ids, full_logits):
     """The hooks that keep the embedding in CPU memory (ids in, vectors out to the compute device); on a
     GPU box the vectors cross to the GPU, here the path runs with both ends on the CPU."""
-    from common.loading import embedding_to_cpu, model_device
+    from common.model.loading import embedding_to_cpu, model_device
     model = load_model(tiny_model).eval()
     embedding_to_cpu(model)
     assert model.get_input_embeddings().weight.device.type == "cpu" and model_device(model).type == "cpu"
@@ -88,7 +88,7 @@ def test_embedding_in_cpu_memory_gives_identical_logits(tiny_model, prompt_ids, 
 
 
 def test_a_tied_head_keeps_its_embedding(tiny_model):
-    from common.loading import embedding_to_cpu
+    from common.model.loading import embedding_to_cpu
     model = load_model(tiny_model).eval()
     model.config.tie_word_embeddings = True
     with pytest.raises(ValueError, match="ties its embedding"):

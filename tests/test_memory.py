@@ -6,8 +6,8 @@ import re
 import pytest
 from conftest import run_script
 
-from common.loading import load_model
-from common.memory import Placement, loaded_bytes, meta_model, weight_bytes
+from common.model.loading import load_model
+from common.model.memory import Placement, loaded_bytes, meta_model, weight_bytes
 
 
 @pytest.mark.parametrize("placement", [Placement("none"), Placement("8bit"), Placement("8bit", quantize_lm_head=True),
@@ -36,7 +36,7 @@ def test_8b_defaults_fit_a_10_gib_card_with_room_to_spare():
 
 def test_plain_8bit_would_not_fit_which_is_why_auto_moves_the_head_and_embedding():
     from common.config import load_config
-    from common.memory import QWEN3_SHAPES, choose_placement, serving_fit
+    from common.model.memory import QWEN3_SHAPES, choose_placement, serving_fit
     serve = load_config(profile="none", use_env=False).serve
     shape = QWEN3_SHAPES["Qwen3-8B"]
     assert serving_fit(shape, Placement("8bit"), serve).total > 10.0

@@ -14,9 +14,9 @@ import torch
 from conftest import ROOT, run_script
 
 from common.config import load_config
-from common.loading import load_model
-from common.model_files import check_model_dir
-from common.prompts import classification_ids
+from common.model.files import check_model_dir
+from common.model.loading import load_model
+from common.text.prompts import classification_ids
 
 
 def merge_args(run, prepared_data, output, *extra: str) -> list[str]:

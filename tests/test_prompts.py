@@ -2,7 +2,7 @@
 import pytest
 
 from common.config import load_config
-from common.prompts import (
+from common.text.prompts import (
     IGNORE_INDEX,
     answer_ids,
     build_messages,
@@ -99,7 +99,7 @@ def test_labels_json_has_one_rule(tmp_path):
     """The first directory holding labels.json decides; chat data has no labels; a broken file is an error."""
     import json
 
-    from common.data import DataError, read_labels
+    from common.text.prepared import DataError, read_labels
     run, data, chat, broken = (tmp_path / n for n in ("run", "data", "chat", "broken"))
     for d in (run, data, chat, broken):
         d.mkdir()

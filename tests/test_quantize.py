@@ -8,10 +8,10 @@ import torch
 from conftest import run_script
 
 from common.config import load_config
-from common.loading import load_model
-from common.model_files import check_model_dir
-from common.prompts import classification_ids
-from common.scoring import score_label_ids
+from common.model.files import check_model_dir
+from common.model.label_scoring import score_label_ids
+from common.model.loading import load_model
+from common.text.prompts import classification_ids
 
 LAYER = {8: "Linear8bitLt", 4: "Linear4bit"}
 

@@ -16,12 +16,12 @@ import pytest
 from conftest import run_script
 from matplotlib import font_manager
 
-from common import plots
-from common.report import MISTAKES_SHOWN, write_report
+from common.evaluation import plots
+from common.evaluation.report import MISTAKES_SHOWN, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 HEALTH = [{"kind": "at_baseline", "level": "warn", "finding": "macro-F1 0.022 is not above the majority-class baseline",
-           "cause": "too few steps", "fix": "train longer", "step": 4},  # common/health.py's Finding, as recorded
+           "cause": "too few steps", "fix": "train longer", "step": 4},  # common/evaluation/training_health.py's HealthFinding, as recorded
           {"level": "warn", "finding": "validation loss rose at 3 evaluations in a row",
            "cause": "the learning rate is too high for this data", "fix": "lower --learning-rate"}]
 

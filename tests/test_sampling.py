@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from common.sampling import QWEN_NON_THINKING, Sampling, model_defaults, penalize, sample, server_defaults
+from common.serving.sampling import QWEN_NON_THINKING, Sampling, model_defaults, penalize, sample, server_defaults
 
 
 def test_penalties_follow_their_definitions():

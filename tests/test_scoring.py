@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.loading import load_model
-from common.prompts import answer_ids, classification_ids
-from common.scoring import score_label_ids
+from common.model.label_scoring import score_label_ids
+from common.model.loading import load_model
+from common.text.prompts import answer_ids, classification_ids
 
 LABELS = ["货币政策", "股市", "宏观经济", "公司", "公司债券", "国际贸易"]  # mixed token lengths, a prefix pair
 DISTINCT = ["货币政策", "股市", "宏观经济", "国际贸易"]  # every label starts with its own token
@@ -50,7 +50,7 @@ def test_cached_scoring_equals_full_sequences(tiny_model, tokenizer, trained_run
 
 
 def test_distinct_first_tokens_need_one_pass_only(tiny_model, tokenizer):
-    from common.scoring import label_tokens
+    from common.model.label_scoring import label_tokens
     assert all(len(t) == 1 for t in label_tokens(tokenizer, DISTINCT))
     assert [len(t) for t in label_tokens(tokenizer, ["公司", "公司债券", "股市"])][2] == 1
     model = load_model(tiny_model).eval()

@@ -322,7 +322,7 @@ def test_test_api_says_when_nothing_answers():
 def test_memory_budget_bounds_a_burst_and_refuses_what_never_fits(tiny_model, tokenizer, tmp_path):
     """A KV budget of two long requests: six at once all succeed, at most two at a time; one that could
     never fit gets a 400 with the numbers instead of a place in the queue."""
-    from common.prompts import prompt_ids
+    from common.text.prompts import prompt_ids
     long = "很长的新闻" * 100
     prompt_tokens = len(prompt_ids(tokenizer, [{"role": "user", "content": long + "0"}]))
     budget = 2 * (prompt_tokens + 64) + 50  # two fit, three do not

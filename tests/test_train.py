@@ -11,10 +11,10 @@ import torch
 from conftest import ROOT, run_script, train_args
 
 from common.config import load_config
-from common.loading import load_model
-from common.prompts import IGNORE_INDEX
-from common.data import read_jsonl
-from common.prompts import encode_records
+from common.model.loading import load_model
+from common.text.prepared import read_jsonl
+from common.text.prompts import IGNORE_INDEX
+from common.text.prompts import encode_records
 from train_qwen import LeftPadCollator, make_trainer_class
 
 

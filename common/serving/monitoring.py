@@ -1,7 +1,8 @@
 """Monitoring for the service: what /health, /stats, /metrics and /dashboard report, one Stats per worker.
 
-The endpoints are module-level views over the worker's ServerState (app.extensions["qwen"]);
-deploy_with_limits.py's route table registers them with the rest. The Prometheus series keep vLLM's
+The endpoints are module-level views that take the worker (common/serving/worker.py) they report on;
+deploy_with_limits.py's route table registers them with the rest and passes the worker in. What the
+engine holds is read through its own report(), never from its lock or lists. The Prometheus series keep vLLM's
 meaning (and its histogram buckets) under our prefix; docs/serving.md maps each to vLLM's and TGI's name.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.bench import quantiles
 
 # vLLM's histogram buckets, so its Grafana panels and alert thresholds read the same here
 TTFT_BUCKETS = (.001, .005, .01, .02, .04, .06, .08, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640, 2560)
@@ -29,12 +32,6 @@ class Event:
     tokens_in: int
     tokens_out: int
     ttft: float | None
-
-
-def quantiles(xs: list[float], qs=(0.5, 0.95)) -> dict:
-    """Nearest-rank quantiles of xs ({"p50": ...}); None when there is nothing to rank."""
-    xs = sorted(xs)
-    return {f"p{round(q * 100)}": round(xs[min(len(xs) - 1, int(q * len(xs)))], 4) if xs else None for q in qs}
 
 
 class GpuMemory:
@@ -58,8 +55,8 @@ class GpuMemory:
 class Stats:
     """What /stats and /metrics report: outcomes, rejections, latency, tokens, memory."""
 
-    def __init__(self, load, kv):
-        """`load()` gives (in flight, waiting) now, `kv()` (KV tokens reserved, budget): for the gauges."""
+    def __init__(self, occupancy, kv):
+        """`occupancy()` gives (in flight, waiting) now, `kv()` (KV tokens reserved, budget): for the gauges."""
         from prometheus_client import CollectorRegistry, ProcessCollector
         self.started = time.time()
         self.lock = threading.Lock()
@@ -68,7 +65,7 @@ class Stats:
         self.recent: deque[Event] = deque()  # the last WINDOW_S seconds of finished requests
         self.tokens_in = self.tokens_out = 0
         self.registry = CollectorRegistry()
-        self.load, self.kv = load, kv
+        self.occupancy, self.kv = occupancy, kv
         self._request_series()
         self._engine_series()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, ...
@@ -101,11 +98,11 @@ class Stats:
 
     def _engine_series(self) -> None:
         """Read from the engine at scrape time: what runs, what waits, the KV budget."""
-        load, kv = self.load, self.kv
-        self.gauge("qwen_num_requests_running", "requests in the running batch", lambda: load()[0])
-        self.gauge("qwen_num_requests_waiting", "requests admitted and waiting for the batch", lambda: load()[1])
-        self.gauge("qwen_in_flight", "older name of qwen_num_requests_running", lambda: load()[0])
-        self.gauge("qwen_queue", "older name of qwen_num_requests_waiting", lambda: load()[1])
+        occupancy, kv = self.occupancy, self.kv
+        self.gauge("qwen_num_requests_running", "requests in the running batch", lambda: occupancy()[0])
+        self.gauge("qwen_num_requests_waiting", "requests admitted and waiting for the batch", lambda: occupancy()[1])
+        self.gauge("qwen_in_flight", "older name of qwen_num_requests_running", lambda: occupancy()[0])
+        self.gauge("qwen_queue", "older name of qwen_num_requests_waiting", lambda: occupancy()[1])
         self.gauge("qwen_kv_tokens_reserved", "KV-cache tokens the running batch may reach", lambda: kv()[0])
         self.gauge("qwen_kv_budget_tokens", "KV-cache tokens the engine may reserve", lambda: kv()[1])
         self.gauge("qwen_kv_cache_usage_perc", "KV-cache tokens reserved / budget (1 = full)",
@@ -158,6 +155,12 @@ class Stats:
         while self.recent and self.recent[0].at < now - WINDOW_S:
             self.recent.popleft()
 
+    def counts(self) -> dict:
+        """The totals so far, read together: requests by outcome, rejections, tokens."""
+        with self.lock:
+            return {"outcomes": dict(self.outcomes), "rejections": dict(self.rejections),
+                    "tokens_in": self.tokens_in, "tokens_out": self.tokens_out}
+
     def percentiles(self) -> dict:
         with self.lock:
             xs = list(self.latencies)
@@ -182,20 +185,13 @@ WORKER_ID = os.urandom(4).hex()  # tells workers apart in /stats without naming 
 
 
 def engine_report(engine, serve) -> dict:
-    """The engine's own accounting: what it holds, and how its passes went."""
+    """The engine's own report, with the concurrency the KV budget allows under this configuration."""
     if engine is None:
         return {}
-    with engine.wake:
-        admitted, waiting, running = engine.admitted, len(engine.pending), len(engine.rows)
-    from common.memory import effective_concurrency
-    runs, why = effective_concurrency(engine.kv_budget, serve)
-    return {"admitted": admitted, "waiting": waiting, "running": running, "effective_concurrency": runs,
-            "concurrency_set_by": why, "kv_budget_tokens": engine.kv_budget,
-            "kv_tokens_reserved": engine.kv_in_use(), "peak_kv_tokens_reserved": engine.peak_kv_reserved,
-            "peak_running": engine.peak_rows, "max_prefill_tokens": engine.max_prefill_tokens,
-            "failed_passes": engine.failures,
-            "consecutive_failures": engine.consecutive_failures, "last_failure": engine.last_failure,
-            "accounting_errors": engine.accounting_errors, "health": engine.health() or "ok"}
+    from common.model.memory import effective_concurrency
+    report = engine.report()
+    runs, why = effective_concurrency(report["kv_budget_tokens"], serve)
+    return {**report, "effective_concurrency": runs, "concurrency_set_by": why}
 
 
 def memory_report() -> dict:
@@ -217,52 +213,44 @@ def memory_report() -> dict:
     return {"device": "cpu", "rss_gib": round(rss / 1024**3, 2)}
 
 
-def _state():
-    from flask import current_app
-    return current_app.extensions["qwen"]
-
-
-def health():
+def health(worker):
     """200 when the model is loaded and the engine works; 503 with the reason while loading, after a
     load error, while draining, or after repeated engine failures."""
     from flask import jsonify
-    state = _state()
-    problem = state.engine.health() if state.engine else None
-    if state.ready() and problem is None:
-        return jsonify({"status": "ok", "model": state.name})
-    status = "draining" if state.draining else "error" if state.error else "degraded" if problem else "loading"
-    return jsonify({"status": status, "model": state.name, "error": state.error or problem}), 503
+    problem = worker.problem()
+    if worker.ready() and problem is None:
+        return jsonify({"status": "ok", "model": worker.name})
+    status = "draining" if worker.draining else "error" if worker.error else "degraded" if problem else "loading"
+    return jsonify({"status": status, "model": worker.name, "error": problem}), 503
 
 
-def stats():
+def stats(worker):
     from flask import jsonify
-    state = _state()
-    s, st = state.cfg.serve, state.stats
-    with st.lock:
-        outcomes, rejections = dict(st.outcomes), dict(st.rejections)
-    in_flight, waiting = st.load()
-    engine, recent = state.engine, st.last_minute()
+    s, st = worker.cfg.serve, worker.stats
+    counts, (in_flight, waiting) = st.counts(), st.occupancy()
+    outcomes, engine, recent = counts["outcomes"], engine_report(worker.engine, s), st.last_minute()
     return jsonify({  # names, never absolute paths: /stats may be readable by more people than the box is
-        "model": state.name, "model_dir": state.model_dir.name, "adapter": state.adapter.name if state.adapter else None,
-        "status": "ok" if state.ready() else "unavailable", "uptime_s": round(time.time() - st.started, 1),
+        "model": worker.name, "model_dir": worker.model_dir.name,
+        "adapter": worker.adapter.name if worker.adapter else None,
+        "status": "ok" if worker.ready() else "unavailable", "uptime_s": round(time.time() - st.started, 1),
         "time": round(time.time(), 3), "worker": WORKER_ID,
-        "requests": {"total": sum(outcomes.values()), "by_outcome": outcomes}, "rejections": rejections,
+        "requests": {"total": sum(outcomes.values()), "by_outcome": outcomes}, "rejections": counts["rejections"],
         "in_flight": in_flight, "queue": waiting,
-        "peak_admitted": engine.peak_admitted if engine else 0, "latency_s": st.percentiles(),
-        "tokens": {"prompt": st.tokens_in, "completion": st.tokens_out,
+        "peak_admitted": engine.get("peak_admitted", 0), "latency_s": st.percentiles(),
+        "tokens": {"prompt": counts["tokens_in"], "completion": counts["tokens_out"],
                    "completion_per_s_last_minute": recent["completion_tokens_per_s"]},
-        "last_minute": recent, "engine": engine_report(engine, s), "memory": memory_report(),
-        "rate_limit_storage": state.limits.report() if state.limits else None,
+        "last_minute": recent, "engine": engine, "memory": memory_report(),
+        "rate_limit_storage": worker.limits.report() if worker.limits else None,
         "limits": {k: getattr(s, k) for k in ("max_concurrent", "max_queue", "max_queue_wait_s",
                                               "request_timeout_s", "max_tokens", "max_prompt_tokens",
                                               "max_body_bytes", "rate_limits", "global_rate_limit")},
     })
 
 
-def metrics():
+def metrics(worker):
     from flask import Response
     from prometheus_client import generate_latest
-    return Response(generate_latest(_state().stats.registry), mimetype="text/plain; version=0.0.4")
+    return Response(generate_latest(worker.stats.registry), mimetype="text/plain; version=0.0.4")
 
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
@@ -272,7 +260,7 @@ DASHBOARD_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'uns
                  "img-src data:")
 
 
-def dashboard():
+def dashboard(worker):
     """The live page: one self-contained HTML file that polls /stats and draws the last minutes."""
     from flask import Response
     return Response(DASHBOARD.read_bytes(), mimetype="text/html",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from common.metrics import majority_baseline
-from common.plots import save_per_class_png, save_training_curves
+from common.evaluation.classification_metrics import degenerate, majority_baseline
+from common.evaluation.plots import save_per_class_png, save_training_curves
 
 MISTAKES_SHOWN = 20   # the most confident mistakes listed; predictions.jsonl holds them all
 TEXT_SHOWN = 160      # characters of a mistake's text in the table
@@ -40,24 +40,10 @@ def baselines(truth: list[str], labels: list[str]) -> dict:
             "uniform": {"accuracy": 1 / k, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}}
 
 
-def degenerate_reasons(predicted: list[str | None], metrics: dict, base: dict) -> list[str]:
-    """Why the predictions say nothing about the inputs, if they do not: one class for everything, or
-    no better than always answering the most frequent label."""
-    reasons = []
-    kinds = set(predicted)
-    if len(kinds) == 1 and len(metrics["labels"]) > 1:
-        reasons.append(f"every prediction is {next(iter(kinds))}")
-    majority = base["majority"]
-    if metrics["macro_f1"] <= majority["macro_f1"]:
-        reasons.append(f"macro-F1 {metrics['macro_f1']:.3f} is not above the majority-class baseline's "
-                       f"{majority['macro_f1']:.3f} (always {majority['label']})")
-    return reasons
-
-
 def add_baselines(metrics: dict, truth: list[str], predicted: list[str | None]) -> dict:
     """metrics plus baselines, degenerate (bool) and degenerate_reasons, as metrics.json keeps them."""
     base = baselines(truth, metrics["labels"])
-    reasons = degenerate_reasons(predicted, metrics, base)
+    reasons = [sentence for _, sentence in degenerate(truth, predicted, metrics["labels"], metrics["macro_f1"])]
     metrics.update(baselines=base, degenerate=bool(reasons), degenerate_reasons=reasons)
     return metrics
 

@@ -47,7 +47,7 @@ def model_shape(model_dir: str | Path) -> dict | None:
 
 @dataclass(frozen=True)
 class Placement:
-    """How the loader lays a model out: what common/loading.py's load_model is asked for."""
+    """How the loader lays a model out: what common/model/loading.py's load_model is asked for."""
     quantization: str = "none"      # none | 8bit | 4bit
     quantize_lm_head: bool = False  # the output head in the projections' precision too
     embed_on_cpu: bool = False      # the input embedding (a lookup) in CPU memory
@@ -59,7 +59,7 @@ def meta_model(cfg: dict, placement: Placement, dtype_bytes: int = 2):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from common.loading import quantization_config, skipped_modules
+    from common.model.loading import quantization_config, skipped_modules
     config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("quantization_config",)})
     dtype = torch.float16 if dtype_bytes == 2 else torch.float32
     with torch.device("meta"):
@@ -187,7 +187,7 @@ def kv_budget(cfg: dict, serve, device: str, cap_gib: float | None = None) -> tu
     if serve.kv_budget_tokens:
         return serve.kv_budget_tokens, "serve.kv_budget_tokens"
     if device == "cuda":
-        from common.loading import gpu_free_bytes
+        from common.model.loading import gpu_free_bytes
         free = gpu_free_bytes(cap_gib)
         reserve = prefill_activation_bytes(cfg, serve.max_prefill_tokens) + int(KV_MARGIN_GIB * GIB)
         tokens = max(int((free - reserve) // kv_bytes_per_token(cfg)), 0)
@@ -219,7 +219,7 @@ def choose_placement(cfg: dict, quantization: str, serve, card_gib: float | None
 def placement_for(model_dir: Path, quantization: str, serve, adapter: Path | None = None,
                   cap_gib: float | None = None) -> Placement:
     """The placement serving (and evaluation, which mirrors it) loads `model_dir` with on this machine."""
-    from common.loading import pick_device, resolve_quantization
+    from common.model.loading import pick_device, resolve_quantization
     shape = model_shape(model_dir) or {}
     placement = choose_placement(shape, resolve_quantization(quantization, pick_device()), serve, card_gib(cap_gib)) \
         if shape else Placement(resolve_quantization(quantization, pick_device()))

@@ -22,6 +22,19 @@ def majority_baseline(truth: list[str], labels: list[str]) -> dict:
     return {"label": majority, "accuracy": always["accuracy"], "macro_f1": always["macro_f1"]}
 
 
+def degenerate(truth: list[str], predicted: list, labels: list[str], macro_f1: float) -> list[tuple[str, str]]:
+    """(kind, sentence) for each way the predictions say nothing about the inputs: one class for every item
+    while the items hold several ("one_class"), or a macro-F1 not above always answering the most frequent
+    label ("at_baseline"). The one rule: the evaluation report and training health both flag a run by it."""
+    found, kinds, majority = [], set(predicted), majority_baseline(truth, labels)
+    if len(kinds) == 1 and len(set(truth)) > 1:
+        found.append(("one_class", f"every prediction is {next(iter(kinds))}"))
+    if len(set(truth)) > 1 and macro_f1 <= majority["macro_f1"] + 1e-9:  # equal, up to float rounding
+        found.append(("at_baseline", f"macro-F1 {macro_f1:.3f} is not above the majority-class baseline's "
+                                     f"{majority['macro_f1']:.3f} (always {majority['label']})"))
+    return found
+
+
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a, dtype=float), where=b > 0)
 

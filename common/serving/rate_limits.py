@@ -148,7 +148,7 @@ def redis_options(uri: str, timeout_s: float) -> dict:
     return {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, "retry": Retry(NoBackoff(), 1)}
 
 
-def check_settings(s) -> list[str]:
+def rate_limit_problems(s) -> list[str]:
     """What is wrong with the serve section's rate-limit storage keys (deploy_with_limits --check)."""
     problems = []
     if s.rate_limit_storage_down not in WHILE_DOWN:
@@ -192,7 +192,7 @@ def rate_limits(app, s, key_func) -> RateLimits:
     """flask-limiter on `app`, counting per `key_func()` (the client's address) and for everyone."""
     from flask_limiter import Limiter
     from limits import parse as parse_limit
-    problems = check_settings(s)
+    problems = rate_limit_problems(s)
     if problems:
         raise ConfigError("; ".join(problems))
     shared = urlsplit(s.rate_limit_storage).scheme != "memory"

@@ -9,7 +9,7 @@ at its longest prompt + max_tokens, the cache padded to the longest) fits `kv_bu
 prefill pass takes at most `max_prefill_tokens` prompt tokens; label scoring runs in chunks that fit
 what the batch leaves free.
 A row's deadline is checked every step, so a timed-out generation really stops and frees its slot.
-Label scoring (common/scoring.py) runs on the same thread, between decode steps.
+Label scoring (common/model/label_scoring.py) runs on the same thread, between decode steps.
 
 Every admitted request ends with exactly one finish reason, whatever fails: a pass that raises fails
 the requests in it at once (prefill: the joining ones; decode: the batch; scoring: that request) and
@@ -23,11 +23,11 @@ import time
 
 import torch
 
-from common.batching import left_pad, left_pad_cache, position_ids
-from common.generation import Draining, GenRequest, QueueFull, ScoreRequest
-from common.loading import model_device
-from common.sampling import penalize, sample
-from common.scoring import score_label_ids
+from common.model.batching import left_pad, left_pad_cache, position_ids
+from common.model.label_scoring import score_label_ids
+from common.model.loading import model_device
+from common.serving.engine_requests import Draining, GenRequest, QueueFull, ScoreRequest
+from common.serving.sampling import penalize, sample
 
 __all__ = ["Engine", "Draining", "GenRequest", "QueueFull", "ScoreRequest"]
 
@@ -72,7 +72,7 @@ class Engine:
             self.peak_admitted = max(self.peak_admitted, self.admitted)
             self.wake.notify()
 
-    def load(self) -> tuple[int, int]:
+    def occupancy(self) -> tuple[int, int]:
         """(in flight, waiting): decoding rows, and the rest of what is admitted. A row that finished this
         step is no longer admitted but leaves the batch only at the step's end: it is not counted."""
         with self.wake:
@@ -95,9 +95,9 @@ class Engine:
             self.wake.notify()
 
     def idle(self) -> bool:
-        return self.load() == (0, 0)
+        return self.occupancy() == (0, 0)
 
-    def health(self) -> str | None:
+    def problem(self) -> str | None:
         """None while the engine works; otherwise why not: its thread died, or the last
         `unhealthy_after` passes all failed, the latest within `unhealthy_window_s`."""
         if not self.thread.is_alive():
@@ -106,6 +106,18 @@ class Engine:
         if self.consecutive_failures >= self.unhealthy_after and recent:
             return f"the last {self.consecutive_failures} forward passes failed; last: {self.last_failure}"
         return None
+
+    def report(self) -> dict:
+        """The engine's own accounting, read under its lock: what it holds, its peaks, how its passes went."""
+        with self.wake:
+            admitted, waiting, running = self.admitted, len(self.pending), len(self.rows)
+            reserved = self.kv_reserved(self.rows)
+        return {"admitted": admitted, "waiting": waiting, "running": running, "kv_budget_tokens": self.kv_budget,
+                "kv_tokens_reserved": reserved, "peak_kv_tokens_reserved": self.peak_kv_reserved,
+                "peak_running": self.peak_rows, "peak_admitted": self.peak_admitted,
+                "max_prefill_tokens": self.max_prefill_tokens, "failed_passes": self.failures,
+                "consecutive_failures": self.consecutive_failures, "last_failure": self.last_failure,
+                "accounting_errors": self.accounting_errors, "health": self.problem() or "ok"}
 
     # ------------------------------------------------------------------ the scheduler thread
     def _loop(self) -> None:

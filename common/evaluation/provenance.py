@@ -9,7 +9,7 @@ import hashlib
 import importlib.metadata as md
 from pathlib import Path
 
-from common.data import LABELS_FILE
+from common.text.prepared import LABELS_FILE
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "tokenizers", "numpy")
 

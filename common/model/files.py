@@ -22,7 +22,7 @@ EXTRA_FILES = (*TOKENIZER_FILES, "chat_template.jinja", "chat_template.json", "s
 
 
 @dataclass
-class Finding:
+class FileFinding:
     level: str  # "fail" | "warn"
     message: str
 
@@ -54,61 +54,61 @@ def _json(path: Path) -> dict | None:
         return None
 
 
-def weight_files(model_dir: Path) -> tuple[list[str], list[Finding]]:
+def weight_files(model_dir: Path) -> tuple[list[str], list[FileFinding]]:
     """The safetensors files the model needs, from the index when sharded."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         data = _json(index)
         if not data or "weight_map" not in data:
-            return [], [Finding("fail", f"{index.name} is not a valid index")]
+            return [], [FileFinding("fail", f"{index.name} is not a valid index")]
         return sorted(set(data["weight_map"].values())), []
     if (model_dir / "model.safetensors").is_file():
         return ["model.safetensors"], []
     if any(model_dir.glob("*.bin")):
-        return [], [Finding("warn", "weights are .bin (pickle) files; safetensors is safer and loads faster")]
-    return [], [Finding("fail", "no model.safetensors or model.safetensors.index.json")]
+        return [], [FileFinding("warn", "weights are .bin (pickle) files; safetensors is safer and loads faster")]
+    return [], [FileFinding("fail", "no model.safetensors or model.safetensors.index.json")]
 
 
-def check_model_dir(model_dir: str | Path) -> list[Finding]:
+def check_model_dir(model_dir: str | Path) -> list[FileFinding]:
     """Everything that would stop training or serving from this directory; [] when complete."""
     d = Path(model_dir)
     if not d.is_dir():
-        return [Finding("fail", f"{d} does not exist")]
+        return [FileFinding("fail", f"{d} does not exist")]
     if (d / "adapter_config.json").is_file():
-        return [] if any(d.glob("adapter_model.*")) else [Finding("fail", "adapter_config.json but no adapter weights")]
-    found: list[Finding] = []
+        return [] if any(d.glob("adapter_model.*")) else [FileFinding("fail", "adapter_config.json but no adapter weights")]
+    found: list[FileFinding] = []
     if _json(d / "config.json") is None:
-        found.append(Finding("fail", "config.json is missing or not valid JSON"))
+        found.append(FileFinding("fail", "config.json is missing or not valid JSON"))
     names, problems = weight_files(d)
     found += problems
     for name in names:
         f = d / name
         problem = f"{name} is missing (named in the index)" if not f.is_file() else safetensors_problem(f)
         if problem:
-            found.append(Finding("fail", problem))
+            found.append(FileFinding("fail", problem))
     found += _tokenizer_findings(d)
     manifest = _json(d / MANIFEST)
     if manifest is None:
-        found.append(Finding("warn", f"no {MANIFEST}: not written by download_model.py, or its download did not finish"))
+        found.append(FileFinding("warn", f"no {MANIFEST}: not written by download_model.py, or its download did not finish"))
     else:
         for name, size in manifest.get("files", {}).items():
             f = d / name
             if not f.is_file() or f.stat().st_size != size:
-                found.append(Finding("fail", f"{name} does not match the manifest ({size:,} bytes expected)"))
+                found.append(FileFinding("fail", f"{name} does not match the manifest ({size:,} bytes expected)"))
     return found
 
 
-def _tokenizer_findings(d: Path) -> list[Finding]:
+def _tokenizer_findings(d: Path) -> list[FileFinding]:
     found = []
     if not (d / "tokenizer.json").is_file() and not (d / "vocab.json").is_file():
-        found.append(Finding("fail", "no tokenizer (tokenizer.json or vocab.json + merges.txt)"))
+        found.append(FileFinding("fail", "no tokenizer (tokenizer.json or vocab.json + merges.txt)"))
     tok_cfg = _json(d / "tokenizer_config.json")
     if tok_cfg is None:
-        found.append(Finding("fail", "tokenizer_config.json is missing or not valid JSON"))
+        found.append(FileFinding("fail", "tokenizer_config.json is missing or not valid JSON"))
     elif not (d / "chat_template.jinja").is_file() and "chat_template" not in tok_cfg:
-        found.append(Finding("fail", "no chat template (chat_template.jinja or tokenizer_config.json)"))
+        found.append(FileFinding("fail", "no chat template (chat_template.jinja or tokenizer_config.json)"))
     if not (d / "generation_config.json").is_file():
-        found.append(Finding("warn", "no generation_config.json: generation may not stop at <|im_end|>"))
+        found.append(FileFinding("warn", "no generation_config.json: generation may not stop at <|im_end|>"))
     return found
 
 

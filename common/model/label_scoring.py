@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common.batching import left_pad, position_ids
-from common.loading import model_device
-from common.prompts import answers_ids
+from common.model.batching import left_pad, position_ids
+from common.model.loading import model_device
+from common.text.prompts import answers_ids
 
 
 @dataclass

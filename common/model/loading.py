@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -88,32 +87,6 @@ def embedding_to_cpu(model) -> None:
         torch.cuda.empty_cache()  # give the 16-bit table's memory back: the KV budget is measured from what is free
     embedding.register_forward_pre_hook(lambda module, args: (args[0].to("cpu"),))
     embedding.register_forward_hook(lambda module, args, out: out.to(device))
-
-
-class _OncePerMessage(logging.Filter):
-    def __init__(self):
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = str(record.msg)
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
-
-
-def quiet_bitsandbytes() -> None:
-    """bitsandbytes logs a warning on every 8-bit matmul on the CPU (the fp16 cast): once is enough.
-    (Its import-time `kernels` notice is dropped in common/__init__.py, before torch loads it.)"""
-    logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _OncePerMessage) for f in logger.filters):
-        logger.addFilter(_OncePerMessage())
-
-
-# peft still calls the old name; the warning says nothing a user can act on
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
-quiet_bitsandbytes()
 
 
 def load_tokenizer(path: str | Path):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.sampling import Sampling
+from common.serving.sampling import Sampling
 
 
 class QueueFull(Exception):
