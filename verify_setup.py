@@ -35,9 +35,9 @@ class Check:
 
 def check_python() -> Check:
     v = sys.version_info
-    ok = v >= (3, 10)
+    ok = v >= (3, 11)  # pyproject.toml's requires-python; numpy 2.4 needs it
     return Check("python", "PASS" if ok else "FAIL", sys.version.split()[0],
-                 "" if ok else "use Python 3.10 or newer")
+                 "" if ok else "use Python 3.11 or newer")
 
 
 def read_pins(path: Path) -> dict[str, str]:
