@@ -31,6 +31,7 @@ from common.config import ConfigError, UserError
 from common.model.files import check_model_dir, copy_extras, newest_merged, save_atomically, write_manifest
 from common.model.label_scoring import score_label_ids
 from common.model.loading import cap_gpu_memory, fitting_device, free_memory, load_model, load_tokenizer
+from common.model.memory import GIB, PROCESS_RAM_GIB, machine_ram_gib, shard_bytes
 from common.text.prepared import held_out_records, read_labels
 from common.text.prompts import probe_records, records_prompt_ids
 
@@ -119,10 +120,29 @@ def quantize_into(tmp: Path, source: Path, bits: int, head: bool, device: str, a
     return {"quantize_load_s": quantize_load_s, "copy_load_s": copy_load_s, "layers": layers, "picked": picked}
 
 
+def reference_dtype(source: Path, device: str) -> torch.dtype | None:
+    """The 16-bit model's dtype for the agreement check: as loading picks it (fp32 on the CPU) where that
+    fits the RAM free now, else the stored 16-bit dtype (the 8B: 15.3 GiB instead of 30.5); refused before
+    anything loads when neither fits."""
+    if device != "cpu":
+        return None
+    stored, free = sum(shard_bytes(source)) / GIB, machine_ram_gib("MemAvailable")
+    if 2 * stored + PROCESS_RAM_GIB <= free:
+        return None
+    if stored + PROCESS_RAM_GIB <= free:
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+        name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+        print(f"note: the 16-bit reference runs on the CPU in its stored 16-bit dtype ({stored:.1f} GiB), since "
+              f"fp32 ({2 * stored:.1f} GiB) would not fit the {free:.1f} GiB of RAM free")
+        return torch.float16 if name == "float16" else torch.bfloat16
+    raise UserError(f"the agreement check needs the 16-bit model ({stored:.1f} GiB) in RAM and {free:.1f} GiB is "
+                    f"free; quantize on a box where it fits in RAM or GPU memory (verify_setup.py: RAM quantize)")
+
+
 def sixteen_bit_answers(source: Path, tokenizer, prompts: list[list[int]], labels: list[str],
                         cap_gib: float | None = None) -> list[int]:
     device = fitting_device(source, cap_gib)
-    model = load_model(source, device=device).eval()
+    model = load_model(source, device=device, dtype=reference_dtype(source, device)).eval()
     picked = answer(model, tokenizer, prompts, labels)
     del model
     free_memory(device)

@@ -1,8 +1,10 @@
-"""Check that this machine can run the toolkit: packages, GPU, disk, model files, data, port, memory fit.
+"""Check that this machine can run the toolkit: packages, GPU, disk, model files, data, port, memory fit
+(GPU memory for serving and training, RAM for each stage).
 
     python verify_setup.py                 # a PASS / WARN / FAIL table with a fix for each problem
     python verify_setup.py --json          # the same as JSON, for scripts
     python verify_setup.py --quick         # skip the model-load check (start_production.sh uses this)
+    python verify_setup.py --profile none --gpu-memory-gib 10 --ram-gib 31   # the 8B on the card's box
 
 Exit status 1 when any line FAILs. No GPU is a WARN: everything runs on a CPU, slowly.
 """
@@ -20,8 +22,8 @@ from pathlib import Path
 from common.cli import run_stage
 from common.config import ROOT
 from common.model.loading import TRAIN_METHODS
-from common.model.memory import (GIB, choose_placement, effective_concurrency, kv_bytes_per_token, model_shape,
-                                 serving_fit, training_fit)
+from common.model.memory import (GIB, RAM_PASS, choose_placement, effective_concurrency, kv_bytes_per_token,
+                                 machine_ram_gib, model_shape, ram_fits, serving_fit, shard_bytes, training_fit)
 from common.model.files import check_model_dir, serving_model
 
 
@@ -199,7 +201,20 @@ def check_memory_fit(cfg, model_dir: Path, gpu_gib: float | None) -> list[Check]
     training = fit_check("training fit", f"{t.method} batch {t.batch_size} x {cfg.data.max_tokens} tokens: "
                          f"{train.describe()}", train.total, card,
                          "lower train.batch_size (raise grad_accum), data.max_tokens, or use method qlora")
-    return [serving, training]
+    return [serving, training, *check_ram_fit(cfg, model_dir, model_cfg, fit, card)]
+
+
+def check_ram_fit(cfg, model_dir: Path, shape: dict, fit, card: float | None) -> list[Check]:
+    """RAM of each stage that runs on this box, against verify.ram_gib (--ram-gib) or this machine's."""
+    ram = cfg.verify.ram_gib or machine_ram_gib()
+    t = cfg.train
+    fits = ram_fits(shape, shard_bytes(model_dir), fit, cfg.serve.workers, t.lora_r, t.target_modules, card)
+    checks = []
+    for f in fits:
+        status = "PASS" if f.total <= RAM_PASS * ram else "WARN" if f.total <= ram else "FAIL"
+        checks.append(Check(f"RAM {f.stage}", status, f"{f.describe()} vs {ram:.1f} GiB of RAM",
+                            "" if status == "PASS" else f"{f.fix} (no swap: past the RAM the box freezes)"))
+    return checks
 
 
 def run(cfg, quick: bool = False, serving: bool = False) -> list[Check]:

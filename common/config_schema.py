@@ -108,6 +108,7 @@ class EvaluateConfig:
 class VerifyConfig:
     min_free_disk_gb: float
     gpu_memory_gib: float | None
+    ram_gib: float | None
 
 
 @dataclass

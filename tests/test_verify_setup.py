@@ -63,3 +63,27 @@ def test_missing_chat_template_and_tokenizer(model_copy):
 def test_missing_model_dir_says_how_to_get_one(tmp_path):
     proc = run_script("verify_setup.py", "--model", str(tmp_path / "nothing"), "--quick")
     assert proc.returncode == 1 and "download_model.py" in proc.stdout
+
+
+def test_ram_lines_for_every_stage_on_the_cards_box_and_a_smaller_one():
+    """The 8B profile on the card's box (10 GiB card, 31 GB RAM): a RAM line per stage, all PASS. On 12 GiB
+    the stage that cannot fit (quantize's 16-bit agreement check) FAILs with its figures and a fix."""
+    ram = {}
+    for gib in (31, 12):
+        proc = run_script("verify_setup.py", "--profile", "none", "--gpu-memory-gib", "10", "--ram-gib", str(gib),
+                          "--quick", "--json")
+        ram[gib] = {name: c for name, c in checks_by_name(proc).items() if name.startswith("RAM ")}
+    assert set(ram[31]) == {"RAM train", "RAM merge", "RAM quantize", "RAM serve"}
+    assert {c["status"] for c in ram[31].values()} == {"PASS"}, ram[31]
+    assert all("vs 31.0 GiB of RAM" in c["detail"] and " = " in c["detail"] for c in ram[31].values())
+    quantize = ram[12]["RAM quantize"]
+    assert quantize["status"] == "FAIL" and "16-bit model" in quantize["detail"] and "quantize where" in quantize["fix"]
+    assert ram[12]["RAM train"]["status"] == "PASS"
+
+
+def test_the_8b_training_default_leaves_room_for_the_context_on_a_10_gib_card():
+    proc = run_script("verify_setup.py", "--profile", "none", "--gpu-memory-gib", "10", "--quick", "--json")
+    train = checks_by_name(proc)["training fit"]
+    assert train["status"] == "PASS" and "batch 2 x 1024" in train["detail"] and "CUDA context 0.50" in train["detail"]
+    spare = float(train["detail"].split("(+")[1].split(" GiB")[0])
+    assert spare >= 1.0, train["detail"]  # a display's few hundred MiB and the context's growth fit beside it

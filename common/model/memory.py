@@ -270,3 +270,77 @@ def training_fit(cfg: dict, quantization: str, tcfg, seq_len: int, answer_len: i
     # only the answer positions go through the output head (logits_to_keep), in fp32 with its softmax
     logits = tcfg.batch_size * (answer_len + 1) * cfg["vocab_size"] * 4 * 2
     return TrainingFit(weights / GIB, trainable / GIB, activations / GIB, logits / GIB)
+
+
+# ----------------------------------------------------------------------------- RAM, stage by stage
+# The process itself: Python, torch, transformers and peft take 0.4 GiB on a CPU (measured here); the CUDA
+# runtime's host side (libraries, pinned buffers) adds 1-2 GiB on a GPU box. An estimate, not a count.
+PROCESS_RAM_GIB = 2.5
+RAM_PASS = 0.9  # PASS up to 90% of the box's RAM: the OS and the page cache need the rest, and there is no swap
+
+
+@dataclass
+class RamFit:
+    stage: str
+    parts: list[tuple[str, float]]  # (what, GiB)
+    fix: str                        # what to do when it does not fit
+
+    @property
+    def total(self) -> float:
+        return sum(gib for _, gib in self.parts)
+
+    def describe(self) -> str:
+        return " + ".join(f"{what} {gib:.2f}" for what, gib in self.parts) + f" = {self.total:.2f} GiB"
+
+
+def shard_bytes(model_dir: Path) -> list[int]:
+    """The sizes of a model directory's safetensors files (none yet: the published sizes, ~4 GB shards)."""
+    return [f.stat().st_size for f in Path(model_dir).glob("*.safetensors")]
+
+
+def param_count(cfg: dict) -> int:
+    """Parameters of a Qwen3-shaped model, from its config (embedding, head unless tied, layers)."""
+    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    hd = cfg.get("head_dim") or h // heads
+    attention = h * heads * hd * 2 + h * kv * hd * 2 + 2 * hd   # q, o; k, v; q/k norms
+    per_layer = attention + 3 * h * inter + 2 * h               # + MLP + two norms
+    return vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + layers * per_layer + h
+
+
+def largest_projection(cfg: dict) -> int:
+    """Elements of the largest LoRA target (the MLP's gate/up/down: hidden x intermediate)."""
+    return cfg["hidden_size"] * cfg["intermediate_size"]
+
+
+def ram_fits(cfg: dict, shards: list[int], serve_fit: ServingFit, workers: int, lora_r: int,
+             targets: list[str], card_gib: float | None) -> list[RamFit]:
+    """RAM each stage needs on a box with this card (None: no GPU) for a model of shape `cfg` stored in
+    `shards` (bytes each; none yet: the published layout of ~4 GB shards)."""
+    p, gib, n = PROCESS_RAM_GIB, (lambda b: b / GIB), param_count(cfg)
+    shard = gib(max(shards) if shards else min(2 * n, 4e9))  # the Hub's Qwen3 shards are up to ~4 GB
+    sixteen = gib(2 * n)
+    adapter = gib(trainable_params(cfg, lora_r, targets, []) * 4)  # read once, in fp32
+    work = gib(largest_projection(cfg) * 4 * 3)                    # W, B·A and their sum, in fp32
+    # without a GPU the model trains in fp32 on the CPU; a GPU loads the base shard by shard
+    train = [("a shard while loading", shard)] if card_gib else [("the model in fp32 on the CPU", 2 * sixteen)]
+    # quantize_model.py's agreement check runs the 16-bit model where it fits: the GPU, else the CPU
+    reference = 0.0 if card_gib and 1.2 * sixteen <= card_gib else sixteen
+    return [
+        RamFit("train", [("process", p), *train], "train on a GPU (the base is loaded shard by shard)"),
+        RamFit("merge", [("process", p), ("a base shard read + a merged shard written", 2 * shard),
+                         ("the adapter in fp32", adapter), ("one projection's merge in fp32", work)],
+               "merge on a box with more RAM, or re-save the base in smaller shards"),
+        RamFit("quantize", [("process", p), ("the 16-bit model for the agreement check" if reference else
+                                             "a shard while loading", reference or shard)],
+               "quantize where the 16-bit model fits in RAM or GPU memory (the merged directory copies as it is)"),
+        RamFit("serve", [("process", p * workers), ("embedding in CPU memory", serve_fit.weights_cpu * workers),
+                         ("a shard while loading", shard * workers)],
+               "fewer gunicorn workers (WORKERS), or keep the embedding on the GPU (serve.embedding_device gpu)"),
+    ]
+
+
+def machine_ram_gib(field: str = "MemTotal") -> float:
+    """This machine's RAM in GiB: all of it (MemTotal), or what can be had now without swapping (MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024**2
