@@ -73,7 +73,7 @@ def load_served(cfg, model_dir: Path):
     cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
     p = placement_for(base, cfg.evaluate.quantization, cfg.serve, adapter, cfg.model.gpu_memory_cap_gib)
     return load_model(base, p.quantization, adapter=adapter, quantize_lm_head=p.quantize_lm_head,
-                      embed_on_cpu=p.embed_on_cpu).eval()
+                      embed_on_cpu=p.embed_on_cpu, int8_threshold=cfg.model.int8_threshold).eval()
 
 
 def test_set(cfg, model_dir: Path) -> tuple[list[dict], list[str]]:

@@ -76,22 +76,19 @@ def check_quantized(model, layer: str, head_too: bool) -> int:
     return count
 
 
-def best_labels(model, tokenizer, prompts: list[list[int]], labels: list[str]) -> list[int]:
-    scores = score_label_ids(model, tokenizer, prompts, labels)
-    if not torch.isfinite(scores.logprobs).all():
-        raise QuantizeError("the quantized copy gives non-finite label scores; nothing was written")
-    return scores.best()[0]
-
-
-def answer(model, tokenizer, prompts: list[list[int]], labels: list[str] | None) -> list[int]:
-    """The best label per prompt; for a chat model, finite next-token logits on the first prompt."""
+def answer(model, tokenizer, prompts: list[list[int]], labels: list[str] | None) -> dict:
+    """The best label per prompt and every label's probability (as /v1/classify gives them); for a chat
+    model, finite next-token logits on the first prompt."""
     if labels:
-        return best_labels(model, tokenizer, prompts, labels)
+        scores = score_label_ids(model, tokenizer, prompts, labels)
+        if not torch.isfinite(scores.logprobs).all():
+            raise QuantizeError("the quantized copy gives non-finite label scores; nothing was written")
+        return {"picked": scores.best()[0], "probs": scores.logprobs.float().softmax(-1).cpu()}
     ids = torch.tensor([prompts[0]], device=model.device)
     with torch.no_grad():
         if not torch.isfinite(model(input_ids=ids, logits_to_keep=1).logits).all():
             raise QuantizeError("the quantized copy gives non-finite logits; nothing was written")
-    return []
+    return {"picked": [], "probs": None}
 
 
 def weights_size(d: Path) -> int:
@@ -99,12 +96,12 @@ def weights_size(d: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- the copy
-def quantize_into(tmp: Path, source: Path, bits: int, head: bool, device: str, ask) -> dict:
+def quantize_into(tmp: Path, source: Path, bits: int, head: bool, device: str, threshold: float, ask) -> dict:
     """Quantize at load, save, load the saved copy plainly, check its layers and let it answer."""
     from transformers import AutoModelForCausalLM
     mode, _, layer = MODES[bits]
     start = time.time()
-    model = load_model(source, quantization=mode, device=device, quantize_lm_head=head)
+    model = load_model(source, quantization=mode, device=device, quantize_lm_head=head, int8_threshold=threshold)
     quantize_load_s = time.time() - start
     model.save_pretrained(tmp)  # bitsandbytes weights + quantization_config in config.json
     copy_extras([source], tmp)
@@ -114,10 +111,10 @@ def quantize_into(tmp: Path, source: Path, bits: int, head: bool, device: str, a
     copy = AutoModelForCausalLM.from_pretrained(tmp, device_map={"": device}).eval()  # no quantization config given
     copy_load_s = time.time() - start
     layers = check_quantized(copy, layer, head)
-    picked = ask(copy)
+    answers = ask(copy)
     del copy
     free_memory(device)
-    return {"quantize_load_s": quantize_load_s, "copy_load_s": copy_load_s, "layers": layers, "picked": picked}
+    return {"quantize_load_s": quantize_load_s, "copy_load_s": copy_load_s, "layers": layers, "answers": answers}
 
 
 def reference_dtype(source: Path, device: str) -> torch.dtype | None:
@@ -140,20 +137,24 @@ def reference_dtype(source: Path, device: str) -> torch.dtype | None:
 
 
 def sixteen_bit_answers(source: Path, tokenizer, prompts: list[list[int]], labels: list[str],
-                        cap_gib: float | None = None) -> list[int]:
+                        cap_gib: float | None = None) -> dict:
     device = fitting_device(source, cap_gib)
     model = load_model(source, device=device, dtype=reference_dtype(source, device)).eval()
-    picked = answer(model, tokenizer, prompts, labels)
+    answers = answer(model, tokenizer, prompts, labels)
     del model
     free_memory(device)
-    return picked
+    return answers
 
 
-def agreement(picked: list[int], reference: list[int], truth: list[int]) -> dict:
-    n = len(reference)
-    return {"items": n, "agreement": sum(a == b for a, b in zip(picked, reference)) / n,
-            "accuracy_16bit": sum(a == b for a, b in zip(reference, truth)) / n,
-            "accuracy_quantized": sum(a == b for a, b in zip(picked, truth)) / n}
+def agreement(quantized: dict, reference: dict, truth: list[int]) -> dict:
+    """How often the copy's best label is the 16-bit model's, the accuracy of each, and how far the copy
+    moves the label probabilities /v1/classify reports (mean and largest |delta p| over items x labels)."""
+    picked, ref, n = quantized["picked"], reference["picked"], len(reference["picked"])
+    delta = (quantized["probs"] - reference["probs"]).abs()
+    return {"items": n, "agreement": sum(a == b for a, b in zip(picked, ref)) / n,
+            "accuracy_16bit": sum(a == b for a, b in zip(ref, truth)) / n,
+            "accuracy_quantized": sum(a == b for a, b in zip(picked, truth)) / n,
+            "mean_abs_delta_p": round(float(delta.mean()), 5), "max_abs_delta_p": round(float(delta.max()), 5)}
 
 
 def run(cfg, force: bool = False) -> dict:
@@ -183,13 +184,15 @@ def run(cfg, force: bool = False) -> dict:
         # The 16-bit answers first: this load also pays the process's one-time set-up (~2 s), so the two
         # timed loads below compare loading, not importing.
         cap = cfg.model.gpu_memory_cap_gib
-        reference = sixteen_bit_answers(source, tokenizer, prompts, labels, cap) if items else []
-        figures.update(quantize_into(tmp, source, q.bits, head, device, lambda m: answer(m, tokenizer, prompts, labels)))
+        reference = sixteen_bit_answers(source, tokenizer, prompts, labels, cap) if items else None
+        figures.update(quantize_into(tmp, source, q.bits, head, device, cfg.model.int8_threshold,
+                                     lambda m: answer(m, tokenizer, prompts, labels)))
         if items:
-            figures.update(agreement(figures["picked"], reference, [labels.index(r["label"]) for r in items]),
+            figures.update(agreement(figures.pop("answers"), reference, [labels.index(r["label"]) for r in items]),
                            split=split)
         write_manifest(tmp, source="quantize", model=str(source), quantization=mode, lm_head_quantized=head,
-                       **{k: figures[k] for k in ("agreement", "items") if k in figures})
+                       int8_threshold=cfg.model.int8_threshold if q.bits == 8 else None,
+                       **{k: figures[k] for k in ("agreement", "mean_abs_delta_p", "items") if k in figures})
 
     start = time.time()
     save_atomically(target, write, force)
@@ -206,7 +209,8 @@ def report(f: dict) -> None:
           f"(lm_head {'quantized' if f['lm_head'] else '16-bit'})")
     if "agreement" in f:
         print(f"label agreement with the 16-bit model on {f['items']} items of {f['split']}: {f['agreement']:.3f} "
-              f"(accuracy 16-bit {f['accuracy_16bit']:.3f}, {f['mode']} {f['accuracy_quantized']:.3f})")
+              f"(accuracy 16-bit {f['accuracy_16bit']:.3f}, {f['mode']} {f['accuracy_quantized']:.3f}); label "
+              f"probabilities moved by {f['mean_abs_delta_p']:.4f} on average, {f['max_abs_delta_p']:.4f} at most")
     else:
         print("label agreement not measured: no classification labels or no test split (data.processed_dir)")
     print(f"wrote {f['target']}/ (safetensors, tokenizer, chat template, generation config, labels.json, "

@@ -189,7 +189,8 @@ def check_memory_fit(cfg, model_dir: Path, gpu_gib: float | None) -> list[Check]
     s, t, card = cfg.serve, cfg.train, cfg.verify.gpu_memory_gib or gpu_gib
     placement = choose_placement(model_cfg, "8bit" if s.quantization == "auto" else s.quantization, s, card)
     fit = serving_fit(model_cfg, placement, s)
-    layout = (f"{placement.quantization}, lm_head {'quantized' if placement.quantize_lm_head else '16-bit'}, "
+    threshold = f" (int8_threshold {cfg.model.int8_threshold:g})" if placement.quantization == "8bit" else ""
+    layout = (f"{placement.quantization}{threshold}, lm_head {'quantized' if placement.quantize_lm_head else '16-bit'}, "
               f"embedding on {'cpu' if placement.embed_on_cpu else 'gpu'}")
     runs = ""
     if card is not None:

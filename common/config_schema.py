@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class ModelConfig:
     path: str
     gpu_memory_cap_gib: float | None
+    int8_threshold: float
 
 
 @dataclass

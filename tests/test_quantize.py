@@ -71,6 +71,8 @@ def test_report_figures(bits, copies, prepared_data):
     assert m and int(m[1]) == n_test and 0 <= float(m[2]) <= 1, stdout
     if bits == 8:  # LLM.int8 with the output head in 8-bit too picks the 16-bit model's labels (22/23 here,
         assert float(m[2]) >= 0.9, stdout  # on a 4-step model whose labels are near ties; the demo's: docs/quantize.md)
+    delta = re.search(r"label probabilities moved by ([\d.]+) on average, ([\d.]+) at most", stdout)
+    assert delta and 0 <= float(delta[1]) <= float(delta[2]) <= 1, stdout
     assert re.search(r"size on disk \(weights\): [\d.]+ MB vs [\d.]+ MB 16-bit", stdout)
     assert re.search(r"load time on cpu: [\d.]+s pre-quantized vs [\d.]+s quantizing", stdout)
 
@@ -95,3 +97,14 @@ def test_the_shared_loader_keeps_the_copy_quantized(copies):
     out, _ = copies[8]
     model = load_model(out, device="cpu")
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
+
+
+def test_int8_threshold_is_what_the_copy_is_made_with(merged, prepared_data, tmp_path):
+    """model.int8_threshold reaches bitsandbytes: the copy's config (what loads it later) and manifest carry it."""
+    out = tmp_path / "int8-t0"
+    proc = run_script("quantize_model.py", "--model", str(merged), "--output", str(out),
+                      "--set", "model.int8_threshold=0.0", "--set", f"data.processed_dir={prepared_data}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["load_in_8bit"] and quant["llm_int8_threshold"] == 0.0
+    assert json.loads((out / "manifest.json").read_text())["int8_threshold"] == 0.0

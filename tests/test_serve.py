@@ -273,11 +273,14 @@ def test_deadline_gives_504_and_frees_the_slot(guarded):
 
 
 def test_8bit_serving_on_cpu(tiny_model, tmp_path):
-    srv = start_server(tiny_model, tmp_path / "logs", QUANTIZATION="8bit")
+    """8-bit with model.int8_threshold from the environment: the layers run with it, and /stats says so."""
+    srv = start_server(tiny_model, tmp_path / "logs", QUANTIZATION="8bit", QWEN_MODEL_INT8_THRESHOLD="0.0")
     try:
         r = requests.post(srv.url + CHAT, json=chat(max_tokens=4), timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert "quantization 8bit" in srv.log_text()
+        placement = requests.get(srv.url + "/stats", timeout=10).json()["placement"]
+        assert placement["quantization"] == "8bit" and placement["int8_threshold"] == 0.0, placement
     finally:
         srv.stop()
 

@@ -47,15 +47,19 @@ def resolve_quantization(mode: str, device: str) -> str:
     return mode
 
 
-def quantization_config(mode: str, compute_dtype: torch.dtype, quantize_lm_head: bool = False):
+def quantization_config(mode: str, compute_dtype: torch.dtype, quantize_lm_head: bool = False,
+                        int8_threshold: float | None = None):
     """The bitsandbytes config for a mode, or None for full precision. transformers keeps the output
-    head 16-bit unless told which modules to skip: an empty list quantizes it too."""
+    head 16-bit unless told which modules to skip: an empty list quantizes it too. int8_threshold
+    (model.int8_threshold) is LLM.int8's outlier threshold: input features above it run in 16-bit beside
+    the int8 matmul (6.0, bitsandbytes' default); 0.0 turns that decomposition off (faster, may cost accuracy)."""
     if mode == "none":
         return None
     from transformers import BitsAndBytesConfig
     skip = [] if quantize_lm_head else None
     if mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        extra = {} if int8_threshold is None else {"llm_int8_threshold": int8_threshold}
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip, **extra)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -63,6 +67,16 @@ def quantization_config(mode: str, compute_dtype: torch.dtype, quantize_lm_head:
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=skip,
     )
+
+
+def int8_threshold_of(model) -> float | None:
+    """The outlier threshold a loaded model's 8-bit layers run with (a pre-quantized copy keeps the one it
+    was made with); None when the model is not 8-bit."""
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is None:
+        return None
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+    return float(quant.get("llm_int8_threshold", 6.0)) if quant.get("load_in_8bit") else None
 
 
 def skipped_modules(model, quant) -> list[str]:
@@ -114,7 +128,7 @@ def adapter_base_path(adapter: str | Path) -> str:
 
 def load_model(path: str | Path, quantization: str = "none", device: str | None = None,
                adapter: str | Path | None = None, dtype: torch.dtype | None = None,
-               quantize_lm_head: bool = False, embed_on_cpu: bool = False):
+               quantize_lm_head: bool = False, embed_on_cpu: bool = False, int8_threshold: float | None = None):
     """Load a merged model, or a base model plus a LoRA adapter, ready for inference or training.
 
     `path` may be an adapter directory itself; its base is then read from adapter_config.json.
@@ -125,7 +139,7 @@ def load_model(path: str | Path, quantization: str = "none", device: str | None 
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
     mode = resolve_quantization(quantization, device)
-    quant = quantization_config(mode, dtype, quantize_lm_head)
+    quant = quantization_config(mode, dtype, quantize_lm_head, int8_threshold)
     # A pre-quantized copy (quantize_model.py) carries its own config; passing None would override it.
     kwargs = {"quantization_config": quant} if quant is not None and not is_prequantized(path) else {}
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": device},

@@ -194,6 +194,15 @@ def engine_report(engine, serve) -> dict:
     return {**report, "effective_concurrency": runs, "concurrency_set_by": why}
 
 
+def placement_report(worker) -> dict:
+    """How the model was loaded: precision, LLM.int8's outlier threshold, where the head and embedding sit."""
+    p = worker.placement
+    if p is None:
+        return {}
+    return {"quantization": p.quantization, "int8_threshold": worker.int8_threshold,
+            "lm_head_quantized": p.quantize_lm_head, "embedding_on_cpu": p.embed_on_cpu, "device": worker.device}
+
+
 def memory_report() -> dict:
     import torch
     if torch.cuda.is_available():
@@ -239,7 +248,7 @@ def stats(worker):
         "peak_admitted": engine.get("peak_admitted", 0), "latency_s": st.percentiles(),
         "tokens": {"prompt": counts["tokens_in"], "completion": counts["tokens_out"],
                    "completion_per_s_last_minute": recent["completion_tokens_per_s"]},
-        "last_minute": recent, "engine": engine, "memory": memory_report(),
+        "last_minute": recent, "engine": engine, "memory": memory_report(), "placement": placement_report(worker),
         "rate_limit_storage": worker.limits.report() if worker.limits else None,
         "limits": {k: getattr(s, k) for k in ("max_concurrent", "max_queue", "max_queue_wait_s",
                                               "request_timeout_s", "max_tokens", "max_prompt_tokens",

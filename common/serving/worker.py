@@ -62,6 +62,7 @@ class Worker:
         self.keys = api_keys(cfg.serve)
         self.limits = None  # common.serving.rate_limits.RateLimits, set by create_app
         self.device, self.placement, self.sampling, self.kv_budget = None, None, {}, 0  # set once loaded
+        self.int8_threshold: float | None = None
         self.stats = Stats(lambda: self.engine.occupancy() if self.engine else (0, 0),
                            lambda: (self.engine.kv_in_use(), self.engine.kv_budget) if self.engine else (0, 0))
         threading.Thread(target=self._start, name="model-loader", daemon=True).start()
@@ -89,7 +90,7 @@ class Worker:
 
     def _load_model(self):
         """The model in the serve section's precision and placement (auto: what fits the card)."""
-        from common.model.loading import cap_gpu_memory, load_model, pick_device
+        from common.model.loading import cap_gpu_memory, int8_threshold_of, load_model, pick_device
         s, cap = self.cfg.serve, self.cfg.model.gpu_memory_cap_gib
         cap_gpu_memory(cap)  # a 10 GB card's budget on a bigger one: placement, KV budget and allocator all see it
         self.device = pick_device()
@@ -97,7 +98,8 @@ class Worker:
         self.placement = placement_for(self.model_dir, s.quantization, s, self.adapter, cap)
         model = load_model(self.model_dir, self.placement.quantization, adapter=self.adapter,
                            quantize_lm_head=self.placement.quantize_lm_head,
-                           embed_on_cpu=self.placement.embed_on_cpu).eval()
+                           embed_on_cpu=self.placement.embed_on_cpu, int8_threshold=self.cfg.model.int8_threshold).eval()
+        self.int8_threshold = int8_threshold_of(model)
         return model, shape
 
     # ------------------------------------------------------------------ state and lifecycle
