@@ -13,8 +13,8 @@ QWEN_PROFILE=none (the 8B's settings) and model.gpu_memory_cap_gib = --gpu-memor
          items/s, peak GPU memory from /stats
   train  train_qwen.py, QLoRA with the config's r, batch and length, for --train-steps steps on examples
          of data.max_tokens tokens: peak memory, tokens/s
-  merge  where merge_lora.py would merge this shape (the GPU if its 16-bit weights fit, else the CPU);
-         --run-merge also runs it on the adapter the train part wrote
+  merge  --run-merge: merge_lora.py on the adapter the train part wrote (else a synthetic r=64 adapter on
+         all seven projections): peak RSS, time, and merged tensors checked against W + scale·B·A
 Writes measure-<shape>.json and .md to --output-dir, each figure beside verify_setup's estimate.
 """
 from __future__ import annotations
@@ -213,19 +213,85 @@ def train_part(model_dir: Path, args, out: Path) -> dict:
         {"batch": cfg.train.batch_size, "tokens_per_example": cfg.data.max_tokens, "steps": info["global_step"]}
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def synthetic_adapter(model_dir: Path, out: Path, r: int = 64, alpha: int = 128) -> Path:
+    """An r=64, alpha=128 (scale 2) adapter on all seven projections, as peft saves one, with random A and
+    B (peft starts B at zero: a trained adapter's update is not), for a shape no run has trained on."""
+    import torch
+    from safetensors.torch import save_file
+
+    from common.model.lora_merge import PREFIX, read_header, weight_map
+    adapter, gen = out / "synthetic-lora", torch.Generator().manual_seed(1)
+    files = weight_map(model_dir)
+    tensors = {}
+    for name in (n for n in files if n.removesuffix(".weight").endswith(PROJECTIONS)):
+        rows, cols = read_header(model_dir / files[name])[name]["shape"]
+        module = PREFIX + name.removesuffix(".weight")
+        tensors[module + ".lora_A.weight"] = (torch.randn(r, cols, generator=gen) * 0.02).bfloat16()
+        tensors[module + ".lora_B.weight"] = (torch.randn(rows, r, generator=gen) * 0.02).bfloat16()
+    adapter.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+              "target_modules": list(PROJECTIONS), "base_model_name_or_path": str(model_dir), "bias": "none"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (adapter / "labels.json").write_text(json.dumps({"task": "classification", "labels": LABELS}))
+    return adapter
+
+
+def check_merged(model_dir: Path, adapter: Path, merged: Path) -> dict:
+    """Targets equal W + scale·B·A computed here in fp32 and rounded once; a few untouched tensors equal
+    the base's bytes."""
+    import torch
+
+    from common.model.lora_merge import PREFIX, lora_scale, read_tensor, weight_map
+    base, files, config = weight_map(model_dir), weight_map(merged), json.loads((adapter / "adapter_config.json")
+                                                                               .read_text())
+    last, found = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] - 1, {}
+    for module in ("model.layers.0.self_attn.q_proj", f"model.layers.{last // 2}.mlp.down_proj",
+                   f"model.layers.{last}.self_attn.v_proj"):
+        w = read_tensor(model_dir / base[module + ".weight"], module + ".weight")
+        a, b = (read_tensor(adapter / "adapter_model.safetensors", f"{PREFIX}{module}.lora_{x}.weight") for x in "AB")
+        want = (w.float() + (b.float() @ a.float()) * lora_scale(config, module)).to(w.dtype)
+        got = read_tensor(merged / files[module + ".weight"], module + ".weight")
+        gap = (got.float() - want.float()).abs().max()
+        found[module] = "equal" if torch.equal(got, want) else f"max diff {gap:.3g}"
+    for name in ("model.embed_tokens.weight", f"model.layers.{last}.input_layernorm.weight", "model.norm.weight"):
+        same = torch.equal(read_tensor(merged / files[name], name).view(torch.uint8).flatten(),
+                           read_tensor(model_dir / base[name], name).view(torch.uint8).flatten())
+        found[name] = "same bytes" if same else "DIFFERENT bytes"
+    return found
+
+
 def merge_part(model_dir: Path, args, out: Path) -> dict:
-    from common.model.loading import fitting_device
-    device = fitting_device(model_dir, args.gpu_memory_gib)
-    found = {"device": device, "weights_gb": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-                                                   / 1e9, 2)}
+    """With --run-merge: merge_lora.py on the adapter the train part wrote (else a synthetic r=64 one), its
+    peak RSS (the child's ru_maxrss) and time, then its tensors checked; the merged copy is removed after."""
+    import resource
+    import shutil
+
+    from common.model.loading import load_tokenizer, pick_device
+    found = {"device": pick_device(), "weights_gb": round(sum(f.stat().st_size for f in model_dir.glob(
+        "*.safetensors")) / 1e9, 2)}
+    if not args.run_merge:
+        return found
     adapter = out / "runs" / "qlora"
-    if args.run_merge and (adapter / "train_info.json").is_file():
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), "--adapter", str(adapter), "--output",
-                               str(out / "merged"), "--force", "--tolerance", "0.1"], cwd=ROOT,
-                              env={**os.environ, **args.env}, capture_output=True, text=True)
-        found |= {"merged": proc.returncode == 0, "seconds": round(time.time() - t0, 1),
-                  "output": (proc.stdout or proc.stderr).strip().splitlines()[-1:]}
+    if not (adapter / "train_info.json").is_file():
+        adapter = synthetic_adapter(model_dir, out)
+    processed = synthetic_data(load_tokenizer(model_dir), out / "merge", 128)  # 8 prompts of ~128 tokens
+    t0, merged = time.time(), out / "merged"
+    proc = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), "--adapter", str(adapter), "--output",
+                           str(merged), "--force", "--tolerance", str(args.merge_tolerance), "--set",
+                           f"data.processed_dir={processed}"], cwd=ROOT, env={**os.environ, **args.env},
+                          capture_output=True, text=True)
+    (out / "merge.txt").write_text(proc.stdout + proc.stderr)
+    found |= {"adapter": adapter.name, "merged": proc.returncode == 0, "seconds": round(time.time() - t0, 1),
+              "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
+              "output": [ln for ln in proc.stdout.splitlines() if ln.startswith(("parity", "merged"))] or
+              proc.stderr.strip().splitlines()[-1:]}
+    if proc.returncode == 0:
+        found["tensors"] = check_merged(model_dir, adapter, merged)
+        shutil.rmtree(merged)  # 16 GB of random weights: the figures are what this part is for
     return found
 
 
@@ -273,7 +339,9 @@ def markdown(result: dict) -> str:
         rows.append(f"| train qlora | peak memory (GiB), tokens/s | {t.get('peak_memory_gib')}, "
                     f"{t.get('tokens_per_second')} | {est.get('train_qlora_gib')} |")
     if "merge" in result:
-        rows.append(f"| merge | where it runs | {result['merge']['device']} | |")
+        m = result["merge"]
+        rows.append(f"| merge | where it runs; peak RSS, wall time | {m['device']}; {m.get('peak_rss_gib', '-')} "
+                    f"GiB, {m.get('seconds', '-')} s | |")
     return "\n".join(rows) + "\n"
 
 
@@ -314,7 +382,8 @@ def add_args(parser) -> None:
     parser.add_argument("--new-tokens", type=int, default=512, help="generated per request (serve.max_tokens)")
     parser.add_argument("--burst-new-tokens", type=int, default=64, help="generated per request in the burst of 13")
     parser.add_argument("--train-steps", type=int, default=20)
-    parser.add_argument("--run-merge", action="store_true", help="also merge the trained adapter (the 8B: ~33 GB RAM)")
+    parser.add_argument("--run-merge", action="store_true", help="merge part: run merge_lora.py (16 GB of disk on the 8B)")
+    parser.add_argument("--merge-tolerance", type=float, default=0.1, help="merge part: parity bound (a bf16 merge)")
     parser.add_argument("--output-dir", default=str(ROOT / "logs" / "measure"))
     parser.add_argument("--shape-dir", help="where the random-weight model is built and cached (models/shape-<shape>)")
 

@@ -2,15 +2,18 @@
 
     python merge_lora.py                                   # the newest run in models/ -> models/<run>-merged/
     python merge_lora.py --adapter models/news-qlora --output models/news-merged --force
-    python merge_lora.py --tolerance 0.05                  # the parity bound for a bf16 merge on a GPU
+    python merge_lora.py --tolerance 0.1                   # the parity bound for a bf16 base (Qwen3)
 
-Writes <runs_dir>/<run>-merged/: safetensors shards (merge.shard_size), tokenizer, chat template,
-generation config, labels.json (copied from the run) and manifest.json (written last). The base is
-read from the adapter's adapter_config.json and loaded in 16-bit (fp32 on the CPU), never quantized:
-a QLoRA / 8-bit LoRA adapter is merged into the 16-bit base too. Before the directory is renamed into
-place, the saved model is loaded back and its logits are compared with base+adapter on
-merge.verify_items prompts from the data; a difference beyond merge.tolerance, or a different
-best label, fails the merge and leaves nothing at the target.
+Writes <runs_dir>/<run>-merged/: the base's safetensors shards and index, merged, tokenizer, chat
+template, generation config, labels.json (copied from the run) and manifest.json (written last). The
+merge streams (common/model/lora_merge.py): one base shard at a time, each LoRA target becomes
+W + (alpha/r)·B·A in fp32 (on the GPU when there is one) rounded once to the base's dtype, the
+modules_to_save replace theirs, every other tensor is copied byte for byte; peak RAM ~3.4 GiB
+whatever the model's size. A QLoRA / 8-bit LoRA adapter is merged into the 16-bit base too.
+Before the directory is renamed into place, the merged shards are proved against base+adapter layer by
+layer from disk (and, for a model under 1 GiB in fp32, both loaded whole as well) on merge.verify_items
+prompts from the data; a logit difference beyond merge.tolerance, or a different best label, fails the
+merge and leaves nothing at the target.
 """
 from __future__ import annotations
 
@@ -19,12 +22,14 @@ quiet_libraries()
 
 import json
 import math
+import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from common.cli import add_force, run_stage
 from common.config import ConfigError, UserError
@@ -37,14 +42,22 @@ from common.model.loading import (
     is_adapter_dir,
     load_model,
     load_tokenizer,
+    pick_device,
     pick_dtype,
 )
 from common.model.files import check_model_dir, copy_extras, dir_size, newest_run, save_atomically, write_manifest
-from common.model.label_scoring import score_label_ids
+from common.model.label_scoring import label_tokens, score_label_ids
+from common.model.lora_merge import (
+    TAIL_POSITIONS,
+    check_ram,
+    layer_parity,
+    merge_shards,
+    read_adapter,
+    weight_map,
+    whole_check,
+)
+from common.model.memory import machine_ram_gib
 from common.text.prompts import probe_records, records_prompt_ids
-
-TAIL_POSITIONS = 16  # logits compared at each prompt's last positions: every layer feeds them, and
-#                      the last one is where the answer starts; all positions x 151,936 would be GBs
 
 
 class MergeError(UserError):
@@ -85,13 +98,6 @@ def verify_prompts(cfg, tokenizer, labels: list[str] | None, n: int) -> tuple[li
     if not records:
         records, source = probe_records(labels, cfg.prompt)[:n], "the labels" if labels else "the system prompt"
     return records_prompt_ids(tokenizer, records, labels, cfg.prompt), source
-
-
-def stored_dtype(model_dir: Path) -> torch.dtype | None:
-    """The dtype the weights are stored in (config.json), so a bf16 base gives a bf16 merge, not fp32."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    name = config.get("dtype") or config.get("torch_dtype")
-    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
 
 
 # ----------------------------------------------------------------------------- parity
@@ -142,33 +148,38 @@ def explain_method(method: str | None) -> None:
               f"+ adapter; the merged model is a little more precise than the base the adapter was trained on.")
 
 
-def merge_into(tmp: Path, base: Path, adapter: Path, device: str, shard_size: str, check) -> dict:
-    """Merge, save into tmp, load the saved model back and run `check` on it; returns the timings."""
-    t = {"start": time.time()}
+def whole_model_parity(tmp: Path, base: Path, adapter: Path, check, cap_gib: float | None) -> dict:
+    """The small-model check: base+adapter and the merged directory each loaded whole by from_pretrained."""
+    device = fitting_device(base, cap_gib)
     model = load_model(base, device=device, adapter=adapter, dtype=pick_dtype(device)).eval()
-    t["load"] = time.time()
     expected = check(model)
-    t["reference"] = time.time()
-    # W + (alpha/r)·B·A into each target; modules_to_save (the trained lm_head) replace theirs. On a base
-    # with tied embeddings (Qwen3-0.6B..4B) peft also unties them, or the saved model would drop the head.
-    model = model.merge_and_unload()
-    save_as = stored_dtype(base)
-    if save_as is not None and save_as != model.dtype and save_as.itemsize == 2:
-        model = model.to(save_as)  # a bf16 base merged in fp32 on the CPU is saved in bf16, its own size
-    t["merge"] = time.time()
-    model.save_pretrained(tmp, max_shard_size=shard_size)
-    copy_extras([adapter, base], tmp)
-    t["save"] = time.time()
     del model
     free_memory(device)
     merged = load_model(tmp, device=device, dtype=pick_dtype(device)).eval()
     result = check(merged, expected)
-    t["verify"] = time.time()
     del merged
     free_memory(device)
-    steps = ["load", "reference", "merge", "save", "verify"]
+    return result
+
+
+def merge_into(tmp: Path, base: Path, plan, device: str, verify: dict) -> dict:
+    """Merge shard by shard into tmp, then prove it layer by layer (and whole, for a small model)."""
+    t = {"start": time.time()}
+    with tqdm(total=len(set(weight_map(base).values())), desc="merge", unit="shard") as bar:
+        counts = merge_shards(base, plan, tmp, device, bar)
+    copy_extras([plan.path, base], tmp)
+    t["merge"] = time.time()
+    layers = json.loads((base / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
+    with tqdm(total=2 * layers, desc="parity", unit="layer") as bar:
+        expected, got = layer_parity(base, plan, tmp, verify["prompts"], verify["cand"], device, bar)
+    result = {"layers": compare(got, expected, verify["tolerance"])}
+    t["verify_layers"] = time.time()
+    if verify["whole"] is not None:
+        result["whole"] = whole_model_parity(tmp, base, plan.path, verify["whole"], verify["cap_gib"])
+        t["verify_whole"] = time.time()
+    steps = [s for s in t if s != "start"]
     times = {s: t[s] - t[p] for p, s in zip(["start", *steps], steps)}
-    return {**result, "seconds": times}
+    return {**result, **counts, "seconds": times}
 
 
 def run(cfg, force: bool = False) -> dict:
@@ -179,12 +190,15 @@ def run(cfg, force: bool = False) -> dict:
     adapter = find_adapter(cfg)
     base = find_base(cfg, adapter)
     target = cfg.resolve(m.output) if m.output else cfg.resolve(cfg.train.runs_dir) / f"{adapter.name}-merged"
-    if target.exists() and not force:  # before minutes of loading; save_atomically checks it again
+    if target.exists() and not force:  # before minutes of merging; save_atomically checks it again
         raise ConfigError(f"{target} exists; pass --force to replace it")
     method = training_method(adapter)
     explain_method(method)
+    plan = read_adapter(adapter, base)  # refuses what W + scale·B·A cannot reproduce, before any writing
+    whole = whole_check(base)
+    need = check_ram(base, plan, whole, machine_ram_gib("MemAvailable"))
     cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
-    device = fitting_device(base, cfg.model.gpu_memory_cap_gib)
+    device = pick_device()  # one tensor, one layer at a time: any GPU holds that
     tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base)
     labels = read_labels(adapter, cfg.resolve(cfg.data.processed_dir))
     prompts, source = verify_prompts(cfg, tokenizer, labels, m.verify_items)
@@ -193,31 +207,41 @@ def run(cfg, force: bool = False) -> dict:
         got = reference(model, tokenizer, prompts, labels)
         return got if expected is None else compare(got, expected, m.tolerance)
 
+    verify = {"prompts": prompts, "cand": label_tokens(tokenizer, labels) if labels else None,
+              "tolerance": m.tolerance, "whole": check if whole else None, "cap_gib": cfg.model.gpu_memory_cap_gib}
     figures: dict = {}
 
     def write(tmp: Path) -> None:
-        figures.update(merge_into(tmp, base, adapter, device, m.shard_size, check))
+        figures.update(merge_into(tmp, base, plan, device, verify))
         problems = [f.message for f in check_model_dir(tmp) if f.level == "fail"]
         if problems:
             raise MergeError(f"the merged directory is incomplete: {problems[0]}")
-        write_manifest(tmp, source="merge", adapter=str(adapter), base=str(base), method=method,
-                       parity={k: figures[k] for k in ("max_abs_diff", "tolerance", "labels_agree", "prompts")})
+        checks = [figures[k] for k in ("layers", "whole") if k in figures]
+        parity = {**max(checks, key=lambda c: c["max_abs_diff"]), "checks": [k for k in ("layers", "whole")
+                                                                              if k in figures]}
+        write_manifest(tmp, source="merge", adapter=str(adapter), base=str(base), method=method, parity=parity)
 
     start = time.time()
     save_atomically(target, write, force)
     return {**figures, "target": target, "adapter": adapter, "base": base, "device": device, "source": source,
-            "classification": labels is not None, "size": dir_size(target), "total_s": time.time() - start}
+            "classification": labels is not None, "size": dir_size(target), "total_s": time.time() - start,
+            "ram_estimate_gib": need, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def report(f: dict) -> None:
-    agree = f", best label agrees on {f['labels_agree']}/{f['prompts']}" if f["classification"] else ""
-    print(f"parity on {f['prompts']} prompts ({f['source']}): max |logit diff| {f['max_abs_diff']:.3g} "
-          f"(tolerance {f['tolerance']:g}){agree}")
+    for key, how in (("layers", "layer by layer from disk"), ("whole", "whole models loaded back")):
+        if key in f:
+            c = f[key]
+            agree = f", best label agrees on {c['labels_agree']}/{c['prompts']}" if f["classification"] else ""
+            print(f"parity on {c['prompts']} prompts ({f['source']}), {how}: max |logit diff| "
+                  f"{c['max_abs_diff']:.3g} (tolerance {c['tolerance']:g}){agree}")
     shards = len(list(f["target"].glob("*.safetensors")))
     print(f"wrote {f['target']}/ ({shards} safetensors shard{'s' * (shards > 1)}, tokenizer, chat template, "
           f"generation config, labels.json, manifest.json): {f['size'] / 1e6:.1f} MB")
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in f["seconds"].items())
-    print(f"merged {f['adapter'].name} into {f['base'].name} on {f['device']} in {f['total_s']:.1f}s ({steps})")
+    print(f"merged {f['adapter'].name} into {f['base'].name} on {f['device']} in {f['total_s']:.1f}s ({steps}); "
+          f"{f['merged']} tensors merged, {f['replaced']} replaced, {f['copied']} copied; peak RSS "
+          f"{f['peak_rss_gib']:.2f} GiB (estimated {f['ram_estimate_gib']:.1f})")
 
 
 def cli_run(cfg, args) -> dict:
