@@ -281,8 +281,7 @@ def merge_part(model_dir: Path, args, out: Path) -> dict:
     processed = synthetic_data(load_tokenizer(model_dir), out / "merge", 128)  # 8 prompts of ~128 tokens
     t0, merged = time.time(), out / "merged"
     proc = subprocess.run([sys.executable, str(ROOT / "merge_lora.py"), "--adapter", str(adapter), "--output",
-                           str(merged), "--force", "--tolerance", str(args.merge_tolerance), "--set",
-                           f"data.processed_dir={processed}"], cwd=ROOT, env={**os.environ, **args.env},
+                           str(merged), "--force", "--set", f"data.processed_dir={processed}"], cwd=ROOT, env={**os.environ, **args.env},
                           capture_output=True, text=True)
     (out / "merge.txt").write_text(proc.stdout + proc.stderr)
     found |= {"adapter": adapter.name, "merged": proc.returncode == 0, "seconds": round(time.time() - t0, 1),
@@ -383,7 +382,6 @@ def add_args(parser) -> None:
     parser.add_argument("--burst-new-tokens", type=int, default=64, help="generated per request in the burst of 13")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--run-merge", action="store_true", help="merge part: run merge_lora.py (16 GB of disk on the 8B)")
-    parser.add_argument("--merge-tolerance", type=float, default=0.1, help="merge part: parity bound (a bf16 merge)")
     parser.add_argument("--output-dir", default=str(ROOT / "logs" / "measure"))
     parser.add_argument("--shape-dir", help="where the random-weight model is built and cached (models/shape-<shape>)")
 

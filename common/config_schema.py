@@ -117,7 +117,7 @@ class MergeConfig:
     adapter: str | None
     output: str | None
     shard_size: str
-    tolerance: float
+    tolerance: float | None
     verify_items: int
 
 

@@ -27,7 +27,7 @@ def test_8b_defaults_fit_a_10_gib_card_with_room_to_spare():
     checks = {c["name"]: c for c in json.loads(proc.stdout)}
     serving, training = checks["serving fit"], checks["training fit"]
     assert serving["status"] == "PASS" and training["status"] == "PASS"
-    assert "8bit, lm_head quantized, embedding on cpu" in serving["detail"]
+    assert "8bit (int8_threshold 6), lm_head quantized, embedding on cpu" in serving["detail"]
     weights = float(re.search(r"weights ([\d.]+) GiB", serving["detail"])[1])
     spare = float(re.search(r"\(\+([\d.]+) GiB to spare\)", serving["detail"])[1])
     assert weights <= 7.2 and spare >= 0.5

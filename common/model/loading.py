@@ -175,7 +175,8 @@ def gpu_free_bytes(cap_gib: float | None = None) -> int:
 
 def fitting_device(model_dir: Path, cap_gib: float | None = None) -> str:
     """pick_device(), but the CPU when the 16-bit weights (+20%) do not fit the GPU's free memory:
-    Qwen3-8B is 16.4 GB in bf16 and a 10 GB card cannot hold it; the CPU merges it in fp32 (~33 GB RAM)."""
+    Qwen3-8B is 16.4 GB in bf16 and a 10 GB card cannot hold it: quantize_model.py's 16-bit reference
+    then runs on the CPU."""
     device = pick_device()
     if device != "cuda":
         return device

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common.config import UserError
-from common.model.memory import GIB, PROCESS_RAM_GIB
+from common.model.memory import GIB, HEAD_ROWS, PROCESS_RAM_GIB, merge_phases
 
 INDEX = "model.safetensors.index.json"
 PREFIX = "base_model.model."  # peft's name for the wrapped model in adapter_model.safetensors
@@ -29,7 +29,6 @@ HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "F8_E4M3": 1, "F8_E5M2": 1}
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-HEAD_ROWS = 16384  # output-head rows per fp32 matmul in the parity check: 256 MiB on the 8B, not 2.3 GiB
 TAIL_POSITIONS = 16  # logits compared at each prompt's last positions: every layer feeds them, and
 #                      the last one is where the answer starts; all positions x 151,936 would be GBs
 WHOLE_CHECK_MAX_GIB = 1.0  # a base this small in fp32 (the tiny model, test shapes; no published Qwen3) is
@@ -350,13 +349,11 @@ def ram_phases(base: Path, adapter: LoraAdapter, whole: bool) -> list[tuple[str,
     width = sizes[EMBED] // max(1, read_header(base / weight_map(base)[EMBED])[EMBED]["shape"][0])
     lora = sum(math.prod(t["shape"]) for k, t in read_header(adapter.file).items()
                if k != "__metadata__" and ".layers.0." in k)
-    phases = [("the merge of the largest tensor in fp32 (W, B·A, their sum, the result)", 4 * target * 3.5),
-              ("the layer check: a decoder layer and its LoRA in fp32, a block of head rows", 4 * (layer + lora) +
-               4 * HEAD_ROWS * width * 2)]
+    phases = merge_phases(target, layer, lora, width)  # the formula verify_setup's RAM line uses
     if whole:
-        phases.append(("the whole-model check: base+adapter in fp32", 4 * (sum(sizes.values()) +
-                                                                         2 * sizes[EMBED])))
-    return [(what, b / GIB) for what, b in phases]
+        phases.append(("the whole-model check: base+adapter in fp32", 4 * (sum(sizes.values()) + 2 * sizes[EMBED])
+                       / GIB))
+    return phases
 
 
 def check_ram(base: Path, adapter: LoraAdapter, whole: bool, free_gib: float) -> float:

@@ -300,17 +300,33 @@ def shard_bytes(model_dir: Path) -> list[int]:
 
 def param_count(cfg: dict) -> int:
     """Parameters of a Qwen3-shaped model, from its config (embedding, head unless tied, layers)."""
-    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    hd = cfg.get("head_dim") or h // heads
-    attention = h * heads * hd * 2 + h * kv * hd * 2 + 2 * hd   # q, o; k, v; q/k norms
-    per_layer = attention + 3 * h * inter + 2 * h               # + MLP + two norms
-    return vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + layers * per_layer + h
+    h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    return vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + layers * layer_params(cfg) + h
 
 
 def largest_projection(cfg: dict) -> int:
     """Elements of the largest LoRA target (the MLP's gate/up/down: hidden x intermediate)."""
     return cfg["hidden_size"] * cfg["intermediate_size"]
+
+
+HEAD_ROWS = 16384  # output-head rows per fp32 matmul in the merge's parity check: 256 MiB on the 8B, not 2.3 GiB
+
+
+def merge_phases(target: int, layer: int, lora_layer: int, width: int) -> list[tuple[str, float]]:
+    """(phase, GiB) of the streaming merge beside its process, from element counts: the largest targeted
+    tensor, one decoder layer and its LoRA, the model's width. Its peak is the largest phase."""
+    phases = [("the merge of the largest tensor in fp32 (W, B·A, their sum, the result)", 4 * target * 3.5),
+              ("the layer check: a decoder layer and its LoRA in fp32, a block of head rows",
+               4 * (layer + lora_layer) + 4 * HEAD_ROWS * width * 2)]
+    return [(what, b / GIB) for what, b in phases]
+
+
+def layer_params(cfg: dict) -> int:
+    """Parameters of one decoder layer of a Qwen3-shaped model."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    hd = cfg.get("head_dim") or h // heads
+    return h * heads * hd * 2 + h * kv * hd * 2 + 2 * hd + 3 * h * inter + 2 * h
 
 
 def ram_fits(cfg: dict, shards: list[int], serve_fit: ServingFit, workers: int, lora_r: int,
@@ -320,17 +336,17 @@ def ram_fits(cfg: dict, shards: list[int], serve_fit: ServingFit, workers: int, 
     p, gib, n = PROCESS_RAM_GIB, (lambda b: b / GIB), param_count(cfg)
     shard = gib(max(shards) if shards else min(2 * n, 4e9))  # the Hub's Qwen3 shards are up to ~4 GB
     sixteen = gib(2 * n)
-    adapter = gib(trainable_params(cfg, lora_r, targets, []) * 4)  # read once, in fp32
-    work = gib(largest_projection(cfg) * 4 * 3)                    # W, B·A and their sum, in fp32
+    lora_layer = trainable_params(cfg, lora_r, targets, []) // cfg["num_hidden_layers"]
+    merge = max(merge_phases(largest_projection(cfg), layer_params(cfg), lora_layer, cfg["hidden_size"]),
+                key=lambda phase: phase[1])
     # without a GPU the model trains in fp32 on the CPU; a GPU loads the base shard by shard
     train = [("a shard while loading", shard)] if card_gib else [("the model in fp32 on the CPU", 2 * sixteen)]
     # quantize_model.py's agreement check runs the 16-bit model where it fits: the GPU, else the CPU
     reference = 0.0 if card_gib and 1.2 * sixteen <= card_gib else sixteen
     return [
         RamFit("train", [("process", p), *train], "train on a GPU (the base is loaded shard by shard)"),
-        RamFit("merge", [("process", p), ("a base shard read + a merged shard written", 2 * shard),
-                         ("the adapter in fp32", adapter), ("one projection's merge in fp32", work)],
-               "merge on a box with more RAM, or re-save the base in smaller shards"),
+        RamFit("merge", [("process", p), merge], "merge on a box with more RAM (it streams tensor by tensor: "
+               "its need does not grow with the model's size, only with one layer's)"),
         RamFit("quantize", [("process", p), ("the 16-bit model for the agreement check" if reference else
                                              "a shard while loading", reference or shard)],
                "quantize where the 16-bit model fits in RAM or GPU memory (the merged directory copies as it is)"),
