@@ -5,10 +5,9 @@ steps and seed, answer-only loss on both, one after the other; then each adapter
     python bench_training.py ... --variants ours,ours-full,trl,trl-fair,trl-compact --max-steps 20
     python bench_training.py ... --micro          # one batch of 16: forward+backward of each loss path
 
-Each variant trains in its own process (ours: train_qwen.py itself; TRL: `bench_training.py --side trl`),
-so peak RSS (wait4) is that trainer's. Writes <output-dir>/bench_training.json (machine, versions, load
-average). Needs requirements-bench.txt (trl). On 2 CPU cores, 100 steps: ~28 s ours, ~26 s TRL with its GPU
-path's compact head (docs/BENCHMARKS.md, "Training side by side with TRL", has the figures).
+Each variant trains in its own process (ours: train_qwen.py itself; TRL: `bench_training.py --side trl`), so
+peak RSS (wait4) is that trainer's. Writes <output-dir>/bench_training.json (machine, versions, load average).
+Needs requirements-bench.txt (trl). 2 CPU cores, 100 steps: ours 43-47 s, TRL's compact head 55 s (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -43,8 +42,8 @@ STEPS = 100  # the bench's length when --max-steps is not given (the tiny profil
 NEVER = "1000000"  # eval/save steps beyond the run: no evaluation or checkpoint while the clock runs
 TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer's fused head computes (loss + 2 metrics)
 VARIANTS = {  # name -> what differs; the model, tokens, LoRA, optimizer, schedule and seed are the same
-    "ours": "train_qwen.py as it is: output head on the answer positions only (left padding + logits_to_keep)",
-    "ours-full": "train_qwen.py with the head on every position (logits_to_keep ignored by a patch here)",
+    "ours": "train_qwen.py as it is: output head on the answer tokens' positions only (a pre-hook on the head)",
+    "ours-full": "train_qwen.py with the head on every position (the pre-hook moved after the head by a patch)",
     "trl": "SFTTrainer with its defaults: bf16 autocast, gradient checkpointing, fused head over every "
            "position (its path without Triton), entropy + top-1 accuracy each step",
     "trl-fair": "SFTTrainer with precision and gradient checkpointing as ours (fp32 and off on the CPU)",
@@ -123,18 +122,22 @@ def trl_side(cfg, variant: str, out: Path) -> None:
 
 
 def full_head_side(argv: list[str]) -> None:
-    """train_qwen.py, run as its own __main__, with the head on every position: the model ignores
-    logits_to_keep and the kept positions are sliced after, so the loss sees the same tensors while
-    the head's matmuls (forward and backward) and the [B, T, V] logits cost what a full head costs."""
+    """train_qwen.py, run as its own __main__, with the head on every position: head_on's pre-hook is lifted
+    while the model runs and picks the answer rows of the [B, T, V] logits after, so the loss sees the same
+    tensors while the head's matmuls (forward and backward) and the logits cost what a full head costs."""
     import runpy
     from transformers.models.qwen3 import modeling_qwen3
     forward = modeling_qwen3.Qwen3ForCausalLM.forward
 
     @functools.wraps(forward)
-    def every_position(self, *a, logits_to_keep=0, **kw):
-        out = forward(self, *a, logits_to_keep=0, **kw)
-        if isinstance(logits_to_keep, int) and logits_to_keep:
-            out.logits = out.logits[:, -logits_to_keep:]
+    def every_position(self, *a, **kw):
+        hooks = self.get_output_embeddings()._forward_pre_hooks
+        lifted = dict(hooks)
+        hooks.clear()
+        out = forward(self, *a, **kw)
+        hooks.update(lifted)
+        for hook in lifted.values():  # the same row selection, on the last dim (V) instead of H
+            out.logits = hook(None, (out.logits,))[0]
         return out
 
     modeling_qwen3.Qwen3ForCausalLM.forward = every_position
@@ -217,24 +220,21 @@ SAME = ("batch_size", "grad_accum", "learning_rate", "lr_scheduler", "warmup_rat
 
 
 def header(cfg, steps: int | None) -> dict:
-    import peft
-    import transformers
-    import trl
+    from importlib.metadata import version  # the installed distributions' versions, as pip lists them
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": cfg.model.path,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, "trl": trl.__version__},
+            "versions": {name: version(name) for name in ("torch", "transformers", "peft", "trl")},
             "settings": {"steps": steps, **{k: getattr(cfg.train, k) for k in SAME}}}
 
 
 # ----------------------------------------------------------------------------- one batch, each loss path
 def answer_only_loss(model, b):
-    """train_qwen.py's AnswerOnlyTrainer.compute_loss: the head on the answer positions only."""
-    labels = b["labels"]
-    keep = labels.shape[1] - int((labels != IGNORE_INDEX).int().argmax(dim=1).min()) + 1
-    logits = model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                   logits_to_keep=keep).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             labels[:, -keep + 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    """train_qwen.py's compute_loss (a stage imports no stage): the head on the answer positions only."""
+    targets = b["labels"][:, 1:]
+    answer = targets != IGNORE_INDEX
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0][:, :-1][answer],))
+    logits = model(b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+    hook.remove()
+    return torch.nn.functional.cross_entropy(logits.float(), targets[answer])
 
 
 def full_logits_loss(model, b):
@@ -253,7 +253,7 @@ def trl_loss(model, b):
 
 MICRO = [  # (what, loss, padding, {outputs, bf16, gradient checkpointing, compact})
     ("body alone (no output head)", body_loss, "left", {}),
-    ("ours: head on the answer positions (logits_to_keep)", answer_only_loss, "left", {}),
+    ("ours: head on the answer positions (pre-hook)", answer_only_loss, "left", {}),
     ("full-sequence logits (transformers' own loss)", full_logits_loss, "left", {}),
     ("TRL fused head, every position, log-probs only", trl_loss, "right", {"outputs": ("log_probs",)}),
     ("TRL fused head, every position, + entropy/top-1 (trl-fair)", trl_loss, "right", {}),

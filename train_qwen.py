@@ -15,6 +15,7 @@ from __future__ import annotations
 from common.logs import quiet_libraries  # noqa: I001  (first: torch logs a notice while it is imported)
 quiet_libraries()
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import asdict
@@ -49,8 +50,8 @@ log = logging.getLogger("train_qwen")
 
 # ----------------------------------------------------------------------------- data
 class LeftPadCollator:
-    """Left padding puts every answer at the end of its row, so the output head runs only on the
-    last few positions (logits_to_keep). Counts real and padded tokens for the padding ratio."""
+    """Left padding, the one rule every stage pads by (common/model/batching.py). Counts real and padded
+    tokens for the padding ratio from the lengths it pads, in Python: no tensor op per batch."""
 
     def __init__(self, pad_id: int):
         self.pad_id, self.real, self.total = pad_id, 0, 0
@@ -58,8 +59,8 @@ class LeftPadCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         ids, mask = left_pad([f["input_ids"] for f in features], self.pad_id)
         labels, _ = left_pad([f["labels"] for f in features], IGNORE_INDEX)
-        self.real += int(mask.sum())
-        self.total += mask.numel()
+        self.real += sum(len(f["input_ids"]) for f in features)
+        self.total += ids.numel()
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids(mask)}
 
     @property
@@ -68,6 +69,21 @@ class LeftPadCollator:
 
 
 # ----------------------------------------------------------------------------- the trainer
+@contextlib.contextmanager
+def head_on(model, answer: torch.Tensor):
+    """The output head on the answer positions only: [n, H] rows in, [n, V] logits out, instead of
+    [B, T, V]. The 151,936-wide head, not the body, is where a small model spends its step; an answer is
+    ~2 tokens, so a row of the answer span or a position that predicts nothing would be wasted work, and
+    [B, T, V] logits past 32 MB are fresh pages the kernel zeroes each step (glibc maps them). A forward
+    pre-hook, so that model(...) still runs as a whole (DDP's wrapper, gradient checkpointing)."""
+    head = getattr(model, "module", model).get_output_embeddings()  # DDP wraps the model in .module
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0][:, :-1][answer],))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 def make_trainer_class():
     from transformers import Trainer
 
@@ -83,13 +99,11 @@ def make_trainer_class():
             self.score_batch_size = eval_batch_size
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs.pop("labels")
-            answer_start = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())  # earliest answer token
-            keep = labels.shape[1] - answer_start + 1  # +1: the position that predicts the first answer token
-            logits = model(**inputs, logits_to_keep=keep).logits.float()            # [B, keep, V]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, -keep + 1:].reshape(-1),
-                ignore_index=IGNORE_INDEX)
+            targets = inputs.pop("labels")[:, 1:]  # position t predicts token t + 1
+            answer = targets != IGNORE_INDEX        # [B, T-1]: the positions the loss sees
+            with head_on(model, answer):
+                logits = model(**inputs).logits.float()  # [n answer tokens, V]
+            loss = torch.nn.functional.cross_entropy(logits, targets[answer])
             return (loss, {"logits": logits}) if return_outputs else loss
 
         def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,

@@ -36,12 +36,19 @@ def test_answer_only_loss_equals_the_full_sequence_loss(tiny_model, tokenizer, p
     batch = LeftPadCollator(tokenizer.pad_token_id)(encode_records(tokenizer, records, labels,
                                                                    load_config(use_env=False).prompt))
     model = load_model(tiny_model).eval()
+    head = model.get_output_embeddings()
     with torch.no_grad():
         reference = model(**batch).loss  # transformers' loss over full logits
         cls = make_trainer_class()
         trainer = cls.__new__(cls)  # only compute_loss is exercised: it needs no trainer state
+        seen = []
+        watch = head.register_forward_hook(lambda _, args, out: seen.append(tuple(out.shape)))
         ours = trainer.compute_loss(model, dict(batch))
+        watch.remove()
     assert torch.allclose(ours, reference, atol=1e-5), (ours, reference)
+    n_answer = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert seen == [(n_answer, head.out_features)]  # the head ran on the answer positions, nothing else
+    assert not head._forward_pre_hooks  # and the model is left as it was
     assert batch["input_ids"][0, 0] == tokenizer.pad_token_id or batch["attention_mask"].all()  # left padding
 
 
