@@ -130,15 +130,16 @@ def make_trainer_class():
 
 
 # ----------------------------------------------------------------------------- the model
-def build_model(model_path: Path, tcfg, device: str):
-    """The base in the method's precision with LoRA adapters on the target projections."""
+def build_model(model_path: Path, tcfg, device: str, int8_threshold: float | None = None):
+    """The base in the method's precision (lora8: with model.int8_threshold) with LoRA adapters on the
+    target projections."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     quant = TRAIN_METHODS[tcfg.method]
     dtype = pick_dtype(device)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, quantization_config=quantization_config(quant, dtype),
+        model_path, dtype=dtype, quantization_config=quantization_config(quant, dtype, int8_threshold=int8_threshold),
         device_map={"": device} if quant != "none" else None, low_cpu_mem_usage=True)
     model.config.use_cache = False  # the cache is useless in training and costs memory
     if tcfg.gradient_checkpointing:
@@ -262,9 +263,9 @@ def training_inputs(cfg) -> tuple[Path, Path]:
     return model_path, cfg.resolve(cfg.data.processed_dir)
 
 
-def trainable_model(model_path: Path, tcfg, device: str):
+def trainable_model(model_path: Path, tcfg, device: str, int8_threshold: float | None = None):
     """build_model, with what is trained in fp32 (whatever the base dtype), and its size logged."""
-    model = build_model(model_path, tcfg, device)
+    model = build_model(model_path, tcfg, device, int8_threshold)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -313,7 +314,7 @@ def run(cfg, resume: bool = False, force: bool = False) -> dict:
     if resume_from is None and run_dir.exists():
         shutil.rmtree(run_dir)  # --force, checked in run_paths
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.resolve(cfg.logging.dir) / "tensorboard" / run_dir.name))
-    model, n_train = trainable_model(model_path, t, device)
+    model, n_train = trainable_model(model_path, t, device, cfg.model.int8_threshold)
     trainer = make_trainer(cfg, model, tokenizer, splits, encoded, labels, run_dir, device)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
