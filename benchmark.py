@@ -5,6 +5,7 @@
     python benchmark.py --mode overload --clients 30 --per-client 3      # served / rejected / latency under load
     python benchmark.py --url http://127.0.0.1:8141 --plain --model models/tiny-qwen3   # a peer: OpenAI fields only
     python benchmark.py --bare models/tiny-qwen3          # no server: model.generate in this process
+    python benchmark.py --bare models/tiny-qwen3 --prompt-tokens 2048 --max-tokens 128 --requests 2
 
 Generation requests ask for exactly --max-tokens tokens (ignore_eos; a --plain peer gets no such field),
 so tokens/s compares like with like. Classification sends each item through the prompt contract (the
@@ -58,14 +59,15 @@ def load_run(url: str, model: str, texts: list[str], concurrency: int, n: int, m
 
 # ----------------------------------------------------------------------------- classification
 def classify_rows(url: str, model: str, items: list[dict], labels: list[str], headers, plain: bool,
-                  concurrency: int) -> list[dict]:
-    """Generating the label through the trained prompt; unless plain, /v1/classify 1 and 32 texts a call."""
+                  concurrency: int, generate_tokens: int = 8) -> list[dict]:
+    """Generating the label through the trained prompt (at most generate_tokens tokens); unless plain,
+    /v1/classify 1 and 32 texts a call."""
     from common.text.prompts import build_messages, parse_label
     pcfg = load_config(use_env=False).prompt
     truth = [it["label"] for it in items]
 
     def generate(it):
-        body = chat_body(model, build_messages(it["text"], labels, pcfg), 8, plain, exact=False)
+        body = chat_body(model, build_messages(it["text"], labels, pcfg), generate_tokens, plain, exact=False)
         r = requests.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=600)
         r.raise_for_status()
         return [parse_label(r.json()["choices"][0]["message"]["content"], labels)]
@@ -129,25 +131,54 @@ def overload_run(url: str, model: str, texts: list[str], clients: int, per_clien
 
 
 # ----------------------------------------------------------------------------- in process, no server
-def bare_generate(model_dir: str, texts: list[str], n: int, max_tokens: int) -> dict:
-    """The same prompts through model.generate in this process, one at a time: no service layer."""
+class FirstToken:
+    """A generate() streamer that notes when the first new token came (its first put() is the prompt)."""
+    def __init__(self):
+        self.puts, self.at = 0, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def bare_generate(model_dir: str, prompts: list[list[dict]], n: int, max_tokens: int) -> dict:
+    """The same prompts through model.generate in this process, one at a time, loaded as the server loads
+    them (precision, placement, GPU cap, int8 threshold: QWEN_* and the config apply), exactly max_tokens
+    each: the model's own speed, with no service around it."""
     import torch
 
-    from common.model.loading import load_model, load_tokenizer
+    from common.model.loading import load_tokenizer, model_device
+    from common.model.memory import load_as_served
     from common.text.prompts import prompt_ids
-    tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-    lat, tokens = [], 0
+    t0 = time.perf_counter()
+    tok, (model, placement) = load_tokenizer(model_dir), load_as_served(load_config(), Path(model_dir))
+    load_s, device = time.perf_counter() - t0, model_device(model)
+    with torch.no_grad():  # the first pass sets up kernels and workspaces: a server has done that before it counts
+        ids = torch.tensor([prompt_ids(tok, prompts[0])], device=device)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    lat, ttft, decode, tokens = [], [], [], 0
     t_all = time.perf_counter()
     for i in range(n):
-        ids = torch.tensor([prompt_ids(tok, user(texts[i % len(texts)]))])
-        t0 = time.perf_counter()
+        ids = torch.tensor([prompt_ids(tok, prompts[i % len(prompts)])], device=device)
+        first, t0 = FirstToken(), time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
-        lat.append(time.perf_counter() - t0)
-        tokens += out.shape[1] - ids.shape[1]
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, streamer=first)
+        done, new = time.perf_counter(), out.shape[1] - ids.shape[1]
+        lat.append(done - t0)
+        ttft.append(first.at - t0)
+        decode.append((new - 1) / max(done - first.at, 1e-9))
+        tokens += new
     wall = time.perf_counter() - t_all
-    return {"concurrency": 1, "requests": n, "seconds": round(wall, 2), "requests_per_s": round(n / wall, 2),
-            "tokens_per_s": round(tokens / wall, 1), "p50_s": round(percentile(lat, .5), 3), "p95_s": round(percentile(lat, .95), 3)}
+    return {"concurrency": 1, "requests": n, "prompt_tokens": len(ids[0]), "load_seconds": round(load_s, 1),
+            "placement": placement.__dict__, "seconds": round(wall, 2), "requests_per_s": round(n / wall, 2),
+            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_s": round(percentile(ttft, .5), 3),
+            "decode_tokens_per_s": round(percentile(decode, .5), 1), "p50_s": round(percentile(lat, .5), 3),
+            "p95_s": round(percentile(lat, .95), 3)}
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -170,10 +201,11 @@ def run(args) -> dict:
         out["runs"] = [load_run(url, model, texts, c, args.requests, args.max_tokens, headers, args.plain)
                        for c in args.concurrency]
     elif args.mode == "classify":
-        labels = model_labels(items)
+        labels = args.labels.split(",") if args.labels else model_labels(items)
         chosen = items[:args.classify_items] if args.classify_items else items
         out["runs"] = [row for c in args.concurrency
-                       for row in classify_rows(url, model, chosen, labels, headers, args.plain, c)]
+                       for row in classify_rows(url, model, chosen, labels, headers, args.plain, c,
+                                                args.generate_tokens)]
     else:
         out["runs"] = [overload_run(url, model, texts, args.clients, args.per_client, args.max_tokens, headers,
                                     args.plain)]
@@ -196,19 +228,33 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=12, help="generation requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--classify-items", type=int, default=0, help="items to classify (0 = all of --data)")
+    parser.add_argument("--labels", help="classify: the labels in the prompt's order, comma-separated (default: "
+                        "data.processed_dir/labels.json, else those of --data)")
+    parser.add_argument("--generate-tokens", type=int, default=8,
+                        help="classify: tokens a generated label may take (the label and its end of turn)")
     parser.add_argument("--clients", type=int, default=30, help="overload: clients at once")
     parser.add_argument("--per-client", type=int, default=3, help="overload: requests each, one after another")
     parser.add_argument("--data", default=str(ROOT / "data" / "sample_test.json"))
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--plain", action="store_true",
                         help="standard OpenAI fields only (a peer such as `transformers serve`); no /v1/classify")
-    parser.add_argument("--bare", metavar="MODEL_DIR", help="instead of a server: model.generate in this process")
+    parser.add_argument("--bare", metavar="MODEL_DIR", help="instead of a server: model.generate in this process, "
+                        "loaded as the server would load it")
+    parser.add_argument("--prompt-tokens", type=int, help="with --bare: one filler prompt of about this many tokens "
+                        "instead of --data's texts")
     args = parser.parse_args(argv)
     if args.bare:
-        texts = [it["text"] for it in json.loads(Path(args.data).read_text(encoding="utf-8"))]
-        r = bare_generate(args.bare, texts, args.requests, args.max_tokens)
-        print(f"machine: {machine()}; bare model.generate, {args.max_tokens} tokens max per request")
-        print(f"{r['requests_per_s']} req/s, {r['tokens_per_s']} tokens/s, p50 {r['p50_s']} s, p95 {r['p95_s']} s")
+        from common.model.loading import load_tokenizer
+        from common.text.prompts import filler_text
+        texts = [filler_text(load_tokenizer(args.bare), args.prompt_tokens)] if args.prompt_tokens else \
+            [it["text"] for it in json.loads(Path(args.data).read_text(encoding="utf-8"))]
+        r = bare_generate(args.bare, [user(t) for t in texts], args.requests, args.max_tokens)
+        print(f"machine: {machine()}; bare model.generate, {r['prompt_tokens']}-token prompt (the last), "
+              f"{args.max_tokens} tokens per request; loaded in {r['load_seconds']} s ({r['placement']})")
+        print(f"{r['requests_per_s']} req/s, {r['tokens_per_s']} tokens/s, first token p50 {r['ttft_p50_s']} s, "
+              f"decode {r['decode_tokens_per_s']} tokens/s, p50 {r['p50_s']} s, p95 {r['p95_s']} s")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine(), "mode": "bare", "runs": [r]}, indent=2))
         return 0
     try:
         out = run(args)

@@ -31,7 +31,7 @@ from common.evaluation.report import add_baselines, write_report
 from common.model.batching import left_pad
 from common.model.files import newest_run
 from common.model.label_scoring import score_label_ids
-from common.model.loading import load_model, load_tokenizer
+from common.model.loading import load_tokenizer
 from common.terminal import ljust_cols
 from common.text.prepared import read_jsonl, read_labels
 from common.text.prompts import classification_ids, parse_label
@@ -66,14 +66,10 @@ def print_table(m: dict, baseline: dict | None) -> None:
 def load_served(cfg, model_dir: Path):
     """The model as serving would load it (evaluate.quantization, the serve section's placement)."""
     from common.model.loading import adapter_base_path, is_adapter_dir
-    from common.model.memory import placement_for
+    from common.model.memory import load_as_served
     base, adapter = (cfg.resolve(adapter_base_path(model_dir)), model_dir) if is_adapter_dir(model_dir) \
         else (model_dir, None)
-    from common.model.loading import cap_gpu_memory
-    cap_gpu_memory(cfg.model.gpu_memory_cap_gib)
-    p = placement_for(base, cfg.evaluate.quantization, cfg.serve, adapter, cfg.model.gpu_memory_cap_gib)
-    return load_model(base, p.quantization, adapter=adapter, quantize_lm_head=p.quantize_lm_head,
-                      embed_on_cpu=p.embed_on_cpu, int8_threshold=cfg.model.int8_threshold).eval()
+    return load_as_served(cfg, base, adapter, cfg.evaluate.quantization)[0]
 
 
 def test_set(cfg, model_dir: Path) -> tuple[list[dict], list[str]]:

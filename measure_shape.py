@@ -1,27 +1,33 @@
 """Measure the toolkit's real code paths on a model of a published shape, with random weights, under a GPU
 memory cap: the 8B's memory and speed depend on its architecture, not on its trained values.
 
-    python measure_shape.py --shape qwen3-8b --gpu-memory-gib 10             # on a GPU box: every part
-    python measure_shape.py --shape qwen3-8b --gpu-memory-gib 10 --only serve # one part (each fits 10 minutes)
-    python measure_shape.py --shape tiny --prompt-tokens 64 --new-tokens 8 --train-steps 2   # the CPU check
+    python measure_shape.py --shape qwen3-8b --gpu-memory-gib 10 --deadline-s 450   # a lent GPU: one call
+    python measure_shape.py --shape qwen3-8b --gpu-memory-gib 10 --only train       # one part
+    python measure_shape.py --shape qwen3-8b --quant 4bit --only serve              # one variant
+    python measure_shape.py --shape tiny --prompt-tokens 64 --new-tokens 8 --decode-tokens 8 --train-steps 2
 
-Builds the shape once (Qwen3 config, random weights, the tiny model's real tokenizer and chat template)
-in models/shape-<name>/ and reuses it; then, each through the toolkit's own scripts, with
-QWEN_PROFILE=none (the 8B's settings) and model.gpu_memory_cap_gib = --gpu-memory-gib:
-  serve  start_production.sh in 8-bit, then 4-bit: time to first token of a --prompt-tokens prompt,
-         decode tokens/s with 1 and 3 requests (prompt + --new-tokens each), a burst of 13, label scoring
-         items/s, peak GPU memory from /stats
-  train  train_qwen.py, QLoRA with the config's r, batch and length, for --train-steps steps on examples
-         of data.max_tokens tokens: peak memory, tokens/s
+Builds the shape once (Qwen3 config, random weights, the tiny model's real tokenizer and chat template;
+in a child process, so no CUDA context of this one sits on the card it measures) in models/shape-<name>/
+and reuses it; then, each through the toolkit's own scripts, with QWEN_PROFILE=none (the 8B's settings)
+and model.gpu_memory_cap_gib = --gpu-memory-gib:
+  serve  start_production.sh for each --quant (8bit@6: LLM.int8 at outlier threshold 6.0, 8bit@0 at 0.0,
+         4bit: NF4): load time, weights and KV budget (/stats), whether 3 x (--prompt-tokens +
+         --new-tokens) are admitted at once (all reach their first token before any ends; then they are
+         cancelled), time to first token, decode tokens/s per request alone and 3 at once over
+         --decode-tokens, /v1/classify items/s for 8 labels and ~300-token prompts (1 and 32 a call)
+         against generating the label (benchmark.py), peak allocated memory and the CUDA context; then,
+         the server stopped, benchmark.py --bare: model.generate loaded the same way, the engine's yardstick
+  train  train_qwen.py, QLoRA at the config's r, micro-batch and length, --train-steps steps on examples
+         of data.max_tokens tokens: peak memory (+ CUDA context), tokens/s
   merge  --run-merge: merge_lora.py on the adapter the train part wrote (else a synthetic r=64 adapter on
          all seven projections): peak RSS, time, and merged tensors checked against W + scale·B·A
-Writes measure-<shape>.json and .md to --output-dir, each figure beside verify_setup's estimate.
+Writes measure-<shape>.json and .md to --output-dir after every step (a killed run keeps what it
+measured), each figure beside verify_setup's estimate; --deadline-s starts no step it cannot finish.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,152 +35,121 @@ from pathlib import Path
 
 import requests
 
-from common.bench import free_port, machine, timed_pool
+from common.bench import admission, machine, run_benchmark, start_server, stop_server, streams_at_once, wait_idle
 from common.cli import run_stage
 from common.config import ROOT, UserError
 
 SHAPES = {"qwen3-8b": "Qwen3-8B", "qwen3-4b": "Qwen3-4B", "qwen3-14b": "Qwen3-14B"}
 LABELS = ["正面", "负面"]
+TOPICS = ["体育", "财经", "科技", "娱乐", "教育", "健康", "军事", "汽车"]  # the classify test's 8 labels
+VARIANTS = ("8bit@6", "8bit@0", "4bit")  # LLM.int8 at outlier threshold 6.0 (bitsandbytes' default), 0.0; NF4
 
 
 # ----------------------------------------------------------------------------- the model of that shape
 def shape_config(name: str, cfg) -> dict:
     from common.model.memory import QWEN3_SHAPES
+    from common.model.tiny_qwen import tiny_shape
     if name == "tiny":
-        t = cfg.tiny
-        return dict(QWEN3_SHAPES["Qwen3-8B"], hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                    num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                    num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim)
+        return tiny_shape(cfg.tiny)
     if name not in SHAPES:
         raise UserError(f"--shape must be tiny or one of {', '.join(SHAPES)}, got '{name}'")
     return dict(QWEN3_SHAPES[SHAPES[name]])
 
 
 def build_shape(name: str, cfg, target: Path) -> Path:
-    """`target` (models/shape-<name>/): random bf16 weights (std 0.02, norms 1) and the tiny model's
-    tokenizer; built once, then reused."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from transformers.initialization import no_init_weights
+    """`target` (models/shape-<name>/), built once in a child process, then reused."""
+    import multiprocessing
 
-    from common.model.files import MANIFEST, save_atomically, write_manifest
-    from common.model.tiny_qwen import build_qwen_tokenizer
-    if (target / MANIFEST).is_file():
-        return target
-    config = AutoConfig.for_model(**{**shape_config(name, cfg), "bos_token_id": 151643, "eos_token_id": 151645,
-                                     "pad_token_id": 151643})
-    print(f"building {target}: {config.num_hidden_layers} layers x {config.hidden_size}", flush=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU draws 8B numbers in a blink
-    with no_init_weights(), torch.device(device):  # the normal init of 8B parameters takes minutes
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    generator = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02, generator=generator) if p.dim() > 1 else p.fill_(1.0)
-
-    def write(tmp: Path) -> None:
-        model.generation_config = GenerationConfig(eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=False)
-        model.save_pretrained(tmp, max_shard_size="2GB")
-        build_qwen_tokenizer().save_pretrained(tmp)
-        write_manifest(tmp, source="measure_shape", shape=name, weights="random normal(0, 0.02), seed 0")
-    save_atomically(target, write, force=True)
+    from common.model.files import MANIFEST
+    from common.model.tiny_qwen import write_shape_model
+    if not (target / MANIFEST).is_file():
+        child = multiprocessing.get_context("spawn").Process(target=write_shape_model, args=(
+            shape_config(name, cfg), name, target))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise UserError(f"building the {name} shape in {target} failed (exit {child.exitcode})")
     return target
 
 
 # ----------------------------------------------------------------------------- serving
-def prompt_of(tokenizer, tokens: int) -> list[dict]:
-    """A user message whose chat prompt is at most `tokens` tokens, as close as whole characters get."""
-    from common.text.prompts import prompt_ids
-    def length(text: str) -> int:
-        return len(prompt_ids(tokenizer, [{"role": "user", "content": text}]))
-    text = ""
-    for unit in ("市场今日小幅波动，成交量温和。", "。"):
-        while length(text + unit) <= tokens:
-            text += unit
-    return [{"role": "user", "content": text}]
+def variant_env(variant: str) -> dict[str, str]:
+    """8bit@6 -> QUANTIZATION=8bit, model.int8_threshold 6; 4bit -> QUANTIZATION=4bit."""
+    quant, _, threshold = variant.partition("@")
+    try:
+        if quant not in ("8bit", "4bit") or (threshold and (quant != "8bit" or float(threshold) < 0)):
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--quant takes 8bit, 8bit@<outlier threshold> or 4bit, got '{variant}'") from None
+    return {"QUANTIZATION": quant} | ({"QWEN_MODEL_INT8_THRESHOLD": threshold} if threshold else {})
 
 
-def serve(model_dir: Path, logs: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """start_production.sh on a free port; waits for /health (loading an 8B takes minutes)."""
-    port = free_port()
-    full = {**{k: v for k, v in os.environ.items() if not k.startswith("QWEN_")}, "PORT": str(port),
-            "HOST": "127.0.0.1", "MODEL_PATH": str(model_dir), "LOGS_DIR": str(logs), "PYTHON": sys.executable,
-            "QWEN_SERVE_RATE_LIMITS": "100000/minute", "QWEN_SERVE_GLOBAL_RATE_LIMIT": "100000/minute", **env}
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "server.txt", "w") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(["bash", str(ROOT / "start_production.sh")], cwd=ROOT, env=full, stdout=out,
-                                stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"the server exited: see {logs / 'server.txt'}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise UserError(f"the server did not load within 15 minutes: see {logs / 'server.txt'}")
+def classify_items(tokenizer, out: Path, n: int = 32, tokens: int = 300) -> Path:
+    """n texts whose classification prompt (8 labels, the prompt contract) is about `tokens` tokens."""
+    from common.config import load_config
+    from common.text.prompts import build_messages, filler_text
+    pcfg = load_config(profile="none", use_env=False).prompt
+    text = filler_text(tokenizer, tokens - 4, lambda t: build_messages(t, TOPICS, pcfg))
+    path = out / "classify-items.json"
+    path.write_text(json.dumps([{"text": f"{i}{text}", "label": TOPICS[i % 8]} for i in range(n)], ensure_ascii=False))
+    return path
 
 
-def streamed(url: str, messages: list[dict], new_tokens: int) -> tuple[float | None, float | None, str | None]:
-    """(time to first token, decode tokens/s after it, None) of one streamed request, or (None, None, the
-    error code) when the server refused or ended it (a 4xx/5xx, or an error event in the stream)."""
-    body = {"messages": messages, "max_tokens": new_tokens, "ignore_eos": True, "stream": True, "temperature": 0}
-    t0, first, error = time.perf_counter(), None, None
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=1800) as r:
-        if r.status_code != 200:
-            return None, None, f"http_{r.status_code}"
-        for line in r.iter_lines(decode_unicode=True):
-            if first is None and line.startswith("data: ") and '"content"' in line and '"role"' not in line:
-                first = time.perf_counter()
-            if line.startswith("data: {") and '"error"' in line:
-                error = json.loads(line[6:])["error"].get("code") or "error"
-    if error or first is None:
-        return None, None, error or "no_content"
-    return first - t0, (new_tokens - 1) / max(time.perf_counter() - first, 1e-9), None
-
-
-def serving_figures(url: str, messages: list[dict], args) -> dict:
-    """TTFT and decode rate alone and three at once, a burst of 13, label scoring: the server's own figures.
-    A request the server refuses (its KV budget holds fewer than three such requests) is counted, not fatal."""
-    ttft, alone, error = streamed(url, messages, args.new_tokens)
-    if error:
-        raise UserError(f"a single {args.prompt_tokens}-token prompt + {args.new_tokens} tokens failed: {error}")
-    three, wall = timed_pool(lambda _: streamed(url, messages, args.new_tokens), range(3), 3)
-    done3 = [t for t in three if t[2] is None]
-    burst = {"messages": messages, "max_tokens": args.burst_new_tokens, "ignore_eos": True}
-    codes, burst_s = timed_pool(lambda _: requests.post(url + "/v1/chat/completions", json=burst,
-                                                        timeout=1800).status_code, range(13), 13)
-    texts = [messages[0]["content"][:24]] * 32  # short: scoring is about the prompt pass, not its length
-    _, score_s = timed_pool(lambda _: requests.post(url + "/v1/classify", json={"text": texts, "labels": LABELS},
-                                                    timeout=600).raise_for_status(), range(2), 1)
-    stats = requests.get(url + "/stats", timeout=30).json()
-    return {"ttft_s": round(ttft, 3), "decode_tokens_per_s_1": round(alone, 1),
-            "decode_tokens_per_s_3": round(len(done3) * args.new_tokens / wall, 1),
-            "ttft_s_3": round(max(t[0] for t in done3), 3) if done3 else None,
-            "refused_of_3": [t[2] for t in three if t[2]],
-            "burst_13": {str(c): codes.count(c) for c in sorted(set(codes))}, "burst_seconds": round(burst_s, 1),
-            "classify_items_per_s": round(64 / score_s, 1), "memory": stats.get("memory"),
-            "engine": {k: stats.get("engine", {}).get(k) for k in ("kv_budget_tokens", "peak_kv_tokens_reserved",
-                                                                    "peak_running", "effective_concurrency")}}
+def serve_variant(model_dir: Path, variant: str, messages: list[dict], args, out: Path, found: dict) -> None:
+    """One variant's figures, each saved into `found` (and to disk) as soon as it exists."""
+    from common.model.loading import load_tokenizer
+    from common.text.prompts import encode_text
+    env, logs = {**args.env, **variant_env(variant)}, out / f"serve-{variant}"
+    t0 = time.time()
+    proc, url = start_server(model_dir, logs, env)
+    try:
+        stats = requests.get(url + "/stats", timeout=30).json()
+        found |= {"load_seconds": round(time.time() - t0, 1), "placement": stats.get("placement"),
+                  "loaded_gib": (stats.get("memory") or {}).get("allocated_gib"),
+                  "kv_budget_tokens": (stats.get("engine") or {}).get("kv_budget_tokens")}
+        args.save()
+        found["admission"] = admission(url, messages, args.new_tokens)
+        found["idle_after_cancel"] = wait_idle(url)
+        args.save()
+        one = streams_at_once(url, messages, args.decode_tokens, 1)[0]
+        three = streams_at_once(url, messages, args.decode_tokens, 3)
+        rates = [s.decode_rate() for s in three if s.decode_rate()]
+        found |= {"ttft_s": one.ttft(), "decode_tokens_per_s_1": round(one.decode_rate() or 0, 1),
+                  "decode_tokens_per_s_3": round(sum(rates) / len(rates), 1) if rates else None,
+                  "errors_of_3": [s.error for s in three if s.error]}
+        args.save()
+        tok = load_tokenizer(model_dir)  # a generated label: its tokens and the end of the turn
+        label_tokens = 1 + max(len(encode_text(tok, t)) for t in TOPICS)
+        found["classify"] = run_benchmark(["--url", url, "--mode", "classify", "--data", str(classify_items(tok, logs)),
+                                           "--labels", ",".join(TOPICS), "--concurrency", "1", "--generate-tokens",
+                                           str(label_tokens)], env, logs, "classify")
+        stats = requests.get(url + "/stats", timeout=30).json()
+        found |= {"memory": stats.get("memory"), "engine": {k: (stats.get("engine") or {}).get(k) for k in (
+            "peak_kv_tokens_reserved", "peak_running", "effective_concurrency")}}
+    finally:
+        stop_server(proc)
+    args.save()
+    if args.left() < 60:
+        found["bare"] = {"skipped": "the deadline"}
+        return
+    bare = run_benchmark(["--bare", str(model_dir), "--prompt-tokens", str(args.prompt_tokens), "--max-tokens",
+                          str(args.decode_tokens), "--requests", "1"], env, logs, "bare")
+    found["bare"] = bare.get("bare", bare)
 
 
 def serve_part(model_dir: Path, args, out: Path, result: dict) -> dict:
-    """Each --quant in turn (8-bit, then 4-bit); each one's figures are saved as soon as they exist."""
+    """Each --quant in turn; a variant that cannot finish before --deadline-s is not started."""
     from common.model.loading import load_tokenizer
-    messages = prompt_of(load_tokenizer(model_dir), args.prompt_tokens)
+    from common.text.prompts import filler_text
+    messages = [{"role": "user", "content": filler_text(load_tokenizer(model_dir), args.prompt_tokens)}]
     results = result.setdefault("serve", {})
-    for quant in args.quant or ("8bit", "4bit"):
-        t0 = time.time()
-        proc, url = serve(model_dir, out / f"serve-{quant}", {**args.env, "QUANTIZATION": quant})
-        try:
-            results[quant] = {"load_seconds": round(time.time() - t0, 1)} | serving_figures(url, messages, args)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=300)
-        args.save(result)
+    for variant in args.quant or VARIANTS:
+        variant_env(variant)
+        if args.left() < 120:
+            results[variant] = {"skipped": "the deadline"}
+            continue
+        results[variant] = {}
+        serve_variant(model_dir, variant, messages, args, out, results[variant])
     return results
 
 
@@ -183,7 +158,8 @@ def synthetic_data(tokenizer, out: Path, tokens: int, n: int = 64) -> Path:
     """Prepared classification data whose examples are about `tokens` long (the batch length to measure)."""
     processed = out / "processed"
     processed.mkdir(parents=True, exist_ok=True)
-    text = prompt_of(tokenizer, max(tokens - 80, 8))[0]["content"]  # leave room for the system prompt and label
+    from common.text.prompts import filler_text
+    text = filler_text(tokenizer, max(tokens - 80, 8))  # leave room for the system prompt and label
     rows = [json.dumps({"text": f"{i}{text}", "label": LABELS[i % 2]}, ensure_ascii=False) for i in range(n)]
     for split in ("train", "val", "test"):
         (processed / f"{split}.jsonl").write_text("\n".join(rows[:n if split == "train" else 8]) + "\n")
@@ -209,7 +185,8 @@ def train_part(model_dir: Path, args, out: Path) -> dict:
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "log": str(out / "train.txt")}
     info = json.loads((out / "runs" / "qlora" / "train_info.json").read_text())
-    return {k: info[k] for k in ("method", "peak_memory_gib", "tokens_per_second", "train_seconds", "device")} | \
+    return {k: info.get(k) for k in ("method", "peak_memory_gib", "peak_reserved_gib", "cuda_context_gib",
+                                     "tokens_per_second", "train_seconds", "device")} | \
         {"batch": cfg.train.batch_size, "tokens_per_example": cfg.data.max_tokens, "steps": info["global_step"]}
 
 
@@ -312,31 +289,41 @@ def estimates(name: str, cfg, card_gib: float | None) -> dict:
     return out
 
 
+def dig(d: dict, *keys, default="-"):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return default if d is None else d
+
+
 def markdown(result: dict) -> str:
-    rows = [f"# {result['shape']} with random weights, GPU memory cap {result['gpu_memory_gib']} GiB",
-            "", f"{result['machine']}; {result['date']}", "", "| part | figure | measured | estimate |",
-            "| --- | --- | --- | --- |"]
+    p, n = result.get("prompt_tokens") or 0, result.get("new_tokens") or 0
+    rows = [f"# {result['shape']} with random weights, GPU memory cap {result['gpu_memory_gib']} GiB", "",
+            f"{result['machine']}; {result['date']}", "", "| part | figure | measured | estimate |", "| --- | --- | --- | --- |"]
     est = result.get("estimates", {})
-    for quant, s in result.get("serve", {}).items():
-        mem = s.get("memory") or {}
-        peak = mem.get("peak_total_gib", mem.get("rss_gib"))
-        rows += [f"| serve {quant} | peak memory (GiB): allocator peak + CUDA context | {peak} | "
-                 f"{est.get(f'serve_{quant}', {}).get('total_gib')} |",
-                 f"| serve {quant} | allocated at the end: weights + held caches (GiB) | {mem.get('allocated_gib', '')} | "
-                 f"{est.get(f'serve_{quant}', {}).get('weights_gib')} |",
-                 f"| serve {quant} | load time | {s.get('load_seconds')} s | |",
-                 f"| serve {quant} | time to first token | {s['ttft_s']} s | |",
-                 f"| serve {quant} | decode tokens/s, 1 / 3 requests | {s['decode_tokens_per_s_1']} / "
-                 f"{s['decode_tokens_per_s_3']}" + (f" (refused: {', '.join(s['refused_of_3'])})"
-                                                     if s.get("refused_of_3") else "") + " | |",
-                 f"| serve {quant} | KV budget, tokens (3 requests need {3 * (result.get('prompt_tokens') or 0) + 3 * (result.get('new_tokens') or 0)}) | "
-                 f"{(s.get('engine') or {}).get('kv_budget_tokens')} | |",
-                 f"| serve {quant} | burst of 13 | {s['burst_13']} in {s['burst_seconds']} s | |",
-                 f"| serve {quant} | label scoring | {s['classify_items_per_s']} items/s | |"]
-    if "train" in result:
-        t = result["train"]
-        rows.append(f"| train qlora | peak memory (GiB), tokens/s | {t.get('peak_memory_gib')}, "
-                    f"{t.get('tokens_per_second')} | {est.get('train_qlora_gib')} |")
+    for v, s in result.get("serve", {}).items():
+        e, mem, cls, bare = est.get(f"serve_{v.partition('@')[0]}", {}), s.get("memory") or {}, s.get("classify") or {}, s.get("bare") or {}
+        if "skipped" in s:
+            rows.append(f"| serve {v} | not measured: {s['skipped']} | | |")
+            continue
+        adm, ratio = s.get("admission") or {}, (s.get("decode_tokens_per_s_1") or 0) / (bare.get("decode_tokens_per_s") or float("inf"))
+        rows += [f"| serve {v} | load time; allocated after loading (weights) | {s.get('load_seconds')} s; {s.get('loaded_gib')} GiB | {e.get('weights_gib')} GiB |",
+                 f"| serve {v} | KV budget (tokens); 3 x ({p} + {n}) admitted at once | {s.get('kv_budget_tokens')}; "
+                 f"{dig(adm, 'admitted_at_once')} of 3 (first tokens at {dig(adm, 'ttft_s')} s) | {3 * (p + n)} needed |",
+                 f"| serve {v} | time to first token, {p}-token prompt | {s.get('ttft_s', '-')} s | |",
+                 f"| serve {v} | decode tokens/s per request, alone / 3 at once | {s.get('decode_tokens_per_s_1', '-')} / "
+                 f"{s.get('decode_tokens_per_s_3', '-')} | |",
+                 f"| serve {v} | bare model.generate, same loading: decode tokens/s; engine / bare | "
+                 f"{bare.get('decode_tokens_per_s', bare.get('skipped', '-'))}; {ratio:.2f} | |",
+                 f"| serve {v} | /v1/classify items/s, 1 / 32 a call; generating the label | "
+                 f"{dig(cls, 'label scoring, 1 text a call', 'items_per_s')} / {dig(cls, 'label scoring, 32 texts a call', 'items_per_s')}; "
+                 f"{dig(cls, 'generating the label (chat, greedy)', 'items_per_s')} | |",
+                 f"| serve {v} | peak allocated + CUDA context (GiB) | {mem.get('peak_allocated_gib', mem.get('rss_gib'))} + "
+                 f"{mem.get('context_gib', 0)} | {e.get('total_gib')} |"]
+    t = result.get("train")
+    if t:
+        rows.append(f"| train qlora | micro-batch x tokens; peak allocated + CUDA context (GiB); tokens/s | "
+                    f"{t.get('batch')} x {t.get('tokens_per_example')}; {t.get('peak_memory_gib', t.get('skipped'))} + "
+                    f"{t.get('cuda_context_gib', 0)}; {t.get('tokens_per_second')} | {est.get('train_qlora_gib')} |")
     if "merge" in result:
         m = result["merge"]
         rows.append(f"| merge | where it runs; peak RSS, wall time | {m['device']}; {m.get('peak_rss_gib', '-')} "
@@ -345,30 +332,34 @@ def markdown(result: dict) -> str:
 
 
 def run(cfg, args) -> dict:
-    out = Path(args.output_dir)
+    started, out = time.monotonic(), Path(args.output_dir)
+    args.left = lambda: (args.deadline_s or float("inf")) - (time.monotonic() - started)
     out.mkdir(parents=True, exist_ok=True)
     args.env = {"QWEN_PROFILE": "none", "QWEN_SERVE_MAX_PROMPT_TOKENS": str(max(args.prompt_tokens, 512)),
                 **({"QWEN_MODEL_GPU_MEMORY_CAP_GIB": str(args.gpu_memory_gib)} if args.gpu_memory_gib else {})}
+    for variant in args.quant or ():
+        variant_env(variant)  # a bad --quant fails before the build
     model_dir = build_shape(args.shape, cfg, Path(args.shape_dir) if args.shape_dir else
                             cfg.resolve(f"models/shape-{args.shape}"))
     path = out / f"measure-{args.shape}.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     result |= {"shape": args.shape, "gpu_memory_gib": args.gpu_memory_gib, "machine": machine(),
-               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "decode_tokens": args.decode_tokens,
                "date": time.strftime("%Y-%m-%d"), "estimates": estimates(args.shape, cfg, args.gpu_memory_gib)}
-    parts = {"serve": serve_part, "train": train_part, "merge": merge_part}
 
-    def save(result: dict) -> None:  # a part that finished is kept, whatever happens to the next
+    def save() -> None:  # every step that finished is kept, whatever happens to the next
         path.write_text(json.dumps(result, indent=2, ensure_ascii=False))
         (out / f"measure-{args.shape}.md").write_text(markdown(result), encoding="utf-8")
     args.save = save
-    for part in args.only or list(parts):
-        print(f"measuring {part} ...", flush=True)
+    for part in args.only or ["serve", "train", "merge"]:
+        print(f"measuring {part} ({args.left():.0f} s left) ...", flush=True)
         if part == "serve":
             serve_part(model_dir, args, out, result)
+        elif part == "train":
+            result["train"] = train_part(model_dir, args, out) if args.left() > 150 else {"skipped": "the deadline"}
         else:
-            result[part] = parts[part](model_dir, args, out)
-        save(result)
+            result["merge"] = merge_part(model_dir, args, out)
+        save()
     return result
 
 
@@ -376,10 +367,13 @@ def add_args(parser) -> None:
     parser.add_argument("--shape", default="qwen3-8b", help="qwen3-8b (default), qwen3-4b, qwen3-14b or tiny")
     parser.add_argument("--gpu-memory-gib", type=float, default=None, help="the card to emulate (10: an RTX 3080)")
     parser.add_argument("--only", action="append", choices=["serve", "train", "merge"], help="these parts only")
-    parser.add_argument("--quant", action="append", choices=["8bit", "4bit"], help="serve part: these only")
+    parser.add_argument("--quant", action="append", help="serve part: these only, of 8bit@6 (LLM.int8, outlier threshold "
+                        "6.0), 8bit@0 (threshold 0.0), 8bit (the config's threshold) and 4bit (NF4)")
     parser.add_argument("--prompt-tokens", type=int, default=2048, help="the serving test's prompt (serve.max_prompt_tokens)")
     parser.add_argument("--new-tokens", type=int, default=512, help="generated per request (serve.max_tokens)")
-    parser.add_argument("--burst-new-tokens", type=int, default=64, help="generated per request in the burst of 13")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="generated per request for the decode rates")
+    parser.add_argument("--deadline-s", type=float, help="start no step that cannot finish within this many seconds "
+                        "of the start (a lent GPU's call limit)")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--run-merge", action="store_true", help="merge part: run merge_lora.py (16 GB of disk on the 8B)")
     parser.add_argument("--output-dir", default=str(ROOT / "logs" / "measure"))

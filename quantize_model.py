@@ -91,6 +91,31 @@ def answer(model, tokenizer, prompts: list[list[int]], labels: list[str] | None)
     return {"picked": [], "probs": None}
 
 
+class OutlierWatch:
+    """While the 8-bit copy answers: the largest input to its 8-bit layers, and how many of their calls
+    had a feature column past LLM.int8's outlier threshold (`at`: bitsandbytes' default 6.0). Those are
+    the columns threshold 6.0 multiplies in 16 bits and 0.0 quantizes with the rest, so with none of
+    them the two thresholds compute the same; emergent outliers are a trait of large models."""
+
+    def __init__(self, model, at: float = 6.0):
+        self.at, self.peak, self.calls, self.with_outliers, self.most_columns = at, 0.0, 0, 0, 0
+        self.hooks = [m.register_forward_pre_hook(self.see) for m in model.modules()
+                      if type(m).__name__ == "Linear8bitLt"]
+
+    def see(self, module, args) -> None:
+        x = args[0].detach()
+        columns = x.abs().reshape(-1, x.shape[-1]).amax(0)
+        outliers = int((columns >= self.at).sum())
+        self.peak, self.calls = max(self.peak, float(columns.max())), self.calls + 1
+        self.with_outliers, self.most_columns = self.with_outliers + (outliers > 0), max(self.most_columns, outliers)
+
+    def figures(self) -> dict:
+        for hook in self.hooks:
+            hook.remove()
+        return {"largest_input": round(self.peak, 2), "threshold": self.at, "layer_calls": self.calls,
+                "calls_with_outlier_columns": self.with_outliers, "most_outlier_columns": self.most_columns}
+
+
 def weights_size(d: Path) -> int:
     return sum(p.stat().st_size for p in d.glob("*.safetensors"))
 
@@ -111,10 +136,13 @@ def quantize_into(tmp: Path, source: Path, bits: int, head: bool, device: str, t
     copy = AutoModelForCausalLM.from_pretrained(tmp, device_map={"": device}).eval()  # no quantization config given
     copy_load_s = time.time() - start
     layers = check_quantized(copy, layer, head)
+    watch = OutlierWatch(copy, threshold or 6.0) if bits == 8 else None
     answers = ask(copy)
+    outliers = watch.figures() if watch else None
     del copy
     free_memory(device)
-    return {"quantize_load_s": quantize_load_s, "copy_load_s": copy_load_s, "layers": layers, "answers": answers}
+    return {"quantize_load_s": quantize_load_s, "copy_load_s": copy_load_s, "layers": layers, "answers": answers,
+            "int8_outliers": outliers}
 
 
 def reference_dtype(source: Path, device: str) -> torch.dtype | None:
@@ -192,6 +220,7 @@ def run(cfg, force: bool = False) -> dict:
                            split=split)
         write_manifest(tmp, source="quantize", model=str(source), quantization=mode, lm_head_quantized=head,
                        int8_threshold=cfg.model.int8_threshold if q.bits == 8 else None,
+                       int8_outliers=figures.get("int8_outliers"),
                        **{k: figures[k] for k in ("agreement", "mean_abs_delta_p", "items") if k in figures})
 
     start = time.time()
@@ -213,6 +242,12 @@ def report(f: dict) -> None:
               f"probabilities moved by {f['mean_abs_delta_p']:.4f} on average, {f['max_abs_delta_p']:.4f} at most")
     else:
         print("label agreement not measured: no classification labels or no test split (data.processed_dir)")
+    if f.get("int8_outliers"):
+        o = f["int8_outliers"]
+        print(f"inputs to the 8-bit layers peaked at {o['largest_input']}; {o['calls_with_outlier_columns']} of "
+              f"{o['layer_calls']} layer calls had a column at or past {o['threshold']} (at most "
+              f"{o['most_outlier_columns']})" + ("" if o["calls_with_outlier_columns"] else
+                                                 ": outlier thresholds 0.0 and 6.0 compute the same on this model"))
     print(f"wrote {f['target']}/ (safetensors, tokenizer, chat template, generation config, labels.json, "
           f"manifest.json) in {f['total_s']:.1f}s")
 

@@ -219,6 +219,15 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
 
 
+def cuda_figures(device: str) -> dict:
+    """On a GPU, what a card must hold beyond the allocator's peak: its reserved peak and the CUDA context."""
+    if device != "cuda":
+        return {}
+    from common.model.loading import cuda_context_bytes
+    return {"peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2),
+            "cuda_context_gib": round(cuda_context_bytes() / 1024**3, 2)}
+
+
 def save_run(trainer, run_dir: Path, cfg, processed: Path, info: dict) -> None:
     """The best adapter and everything needed to reproduce and use it; train_info.json goes last."""
     trainer.model.save_pretrained(run_dir)
@@ -327,7 +336,7 @@ def run(cfg, resume: bool = False, force: bool = False) -> dict:
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1),
         "samples_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 2),
         "padding_ratio": round(trainer.data_collator.padding_ratio, 4), "trainable_parameters": n_train,
-        "peak_memory_gib": round(peak_memory_gib(device), 2), "device": device,
+        "peak_memory_gib": round(peak_memory_gib(device), 2), "device": device, **cuda_figures(device),
         "provenance": run_provenance(cfg, processed, model_path, device, str(pick_dtype(device)).removeprefix("torch.")),
         "health": [asdict(f) for f in trainer.health.findings],
         "ended_degenerate": [asdict(f) for f in trainer.health.ended_degenerate()],

@@ -75,6 +75,38 @@ def test_report_figures(bits, copies, prepared_data):
     assert delta and 0 <= float(delta[1]) <= float(delta[2]) <= 1, stdout
     assert re.search(r"size on disk \(weights\): [\d.]+ MB vs [\d.]+ MB 16-bit", stdout)
     assert re.search(r"load time on cpu: [\d.]+s pre-quantized vs [\d.]+s quantizing", stdout)
+    outliers = re.search(r"inputs to the 8-bit layers peaked at ([\d.]+); (\d+) of (\d+) layer calls had a column "
+                         r"at or past 6.0", stdout)
+    assert bool(outliers) == (bits == 8), stdout
+    if outliers:
+        assert float(outliers[1]) > 0 and int(outliers[3]) > 0 and int(outliers[2]) <= int(outliers[3])
+        manifest = json.loads((copies[8][0] / "manifest.json").read_text())
+        assert manifest["int8_outliers"]["layer_calls"] == int(outliers[3])
+
+
+def test_the_outlier_watch_sees_the_columns_threshold_6_keeps_in_16_bits():
+    """A real LLM.int8 layer fed one feature column at 40: the watch counts it, and the threshold matters
+    exactly there (6.0 multiplies that column in 16 bits; 0.0 quantizes it with the rest, a larger error)."""
+    import bitsandbytes as bnb
+
+    from quantize_model import OutlierWatch
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(256, 64)
+    x = torch.randn(4, 256)
+    x[:, 7] = 40.0
+    errors = {}
+    for threshold in (0.0, 6.0):
+        layer = bnb.nn.Linear8bitLt(256, 64, has_fp16_weights=False, threshold=threshold)
+        layer.load_state_dict(plain.state_dict())
+        model = torch.nn.Sequential(layer.to("cpu")).eval()
+        watch = OutlierWatch(model)
+        with torch.no_grad():
+            errors[threshold] = float((model(x) - plain(x)).abs().max())
+            model(torch.randn(4, 256).clamp(-3, 3))  # a call with no outlier
+        found = watch.figures()
+        assert found == {"largest_input": 40.0, "threshold": 6.0, "layer_calls": 2, "calls_with_outlier_columns": 1,
+                         "most_outlier_columns": 1}, found
+    assert errors[6.0] < errors[0.0] / 3, errors
 
 
 def test_existing_output_and_quantized_input_are_refused(copies, merged):

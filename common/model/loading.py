@@ -173,6 +173,14 @@ def gpu_free_bytes(cap_gib: float | None = None) -> int:
     return max(free, 0)
 
 
+
+def cuda_context_bytes() -> int:
+    """What the card holds beyond this process's PyTorch pool: the CUDA context and the libraries'
+    workspaces (0.3 to 0.6 GiB), which a card's budget must hold on top of the allocator's peak. Read as
+    the device's used memory less the pool, so another process on the same card counts too."""
+    free, total = torch.cuda.mem_get_info()
+    return max(total - free - torch.cuda.memory_reserved(), 0)
+
 def fitting_device(model_dir: Path, cap_gib: float | None = None) -> str:
     """pick_device(), but the CPU when the 16-bit weights (+20%) do not fit the GPU's free memory:
     Qwen3-8B is 16.4 GB in bf16 and a 10 GB card cannot hold it: quantize_model.py's 16-bit reference

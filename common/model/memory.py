@@ -228,6 +228,19 @@ def placement_for(model_dir: Path, quantization: str, serve, adapter: Path | Non
     return Placement(placement.quantization, placement.quantize_lm_head and not saves_head, placement.embed_on_cpu)
 
 
+
+def load_as_served(cfg, model_dir: Path, adapter: Path | None = None, quantization: str | None = None):
+    """The model as the service loads it on this machine, in eval mode, and its Placement: the card's cap
+    (model.gpu_memory_cap_gib) applied first, then placement_for's choice and LLM.int8's outlier threshold
+    (model.int8_threshold). The server, evaluate_model.py and benchmark.py --bare all load through here."""
+    from common.model.loading import cap_gpu_memory, load_model
+    cap = cfg.model.gpu_memory_cap_gib
+    cap_gpu_memory(cap)
+    p = placement_for(model_dir, quantization or cfg.serve.quantization, cfg.serve, adapter, cap)
+    model = load_model(model_dir, p.quantization, adapter=adapter, quantize_lm_head=p.quantize_lm_head,
+                       embed_on_cpu=p.embed_on_cpu, int8_threshold=cfg.model.int8_threshold).eval()
+    return model, p
+
 # ----------------------------------------------------------------------------- training
 def trainable_params(cfg: dict, r: int, targets: list[str], modules_to_save: list[str]) -> int:
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]

