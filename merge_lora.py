@@ -5,7 +5,7 @@
     python merge_lora.py --tolerance 0.3                   # a tighter parity bound than the dtype's default
 
 Writes <runs_dir>/<run>-merged/: the base's safetensors shards and index, merged, tokenizer, chat
-template, generation config, labels.json (copied from the run) and manifest.json (written last). The
+template, generation config, labels.json and calibration.json (copied from the run), manifest.json (last). The
 merge streams (common/model/lora_merge.py): one base shard at a time, each LoRA target becomes
 W + (alpha/r)·B·A in fp32 (on the GPU when there is one) rounded once to the base's dtype, the
 modules_to_save replace theirs, every other tensor is copied byte for byte; peak RAM ~3.4 GiB
@@ -247,7 +247,7 @@ def report(f: dict) -> None:
                   f"{c['max_abs_diff']:.3g} (tolerance {c['tolerance']:g}){agree}")
     shards = len(list(f["target"].glob("*.safetensors")))
     print(f"wrote {f['target']}/ ({shards} safetensors shard{'s' * (shards > 1)}, tokenizer, chat template, "
-          f"generation config, labels.json, manifest.json): {f['size'] / 1e6:.1f} MB")
+          f"generation config, labels.json, calibration.json, manifest.json): {f['size'] / 1e6:.1f} MB")
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in f["seconds"].items())
     print(f"merged {f['adapter'].name} into {f['base'].name} on {f['device']} in {f['total_s']:.1f}s ({steps}); "
           f"{f['merged']} tensors merged, {f['replaced']} replaced, {f['copied']} copied; peak RSS "

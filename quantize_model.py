@@ -7,7 +7,7 @@
 The 16-bit model is loaded with the bitsandbytes config (common/model/loading.py) and saved as it is:
 config.json carries its quantization_config, so a plain AutoModelForCausalLM.from_pretrained(copy)
 comes back quantized. Beside the weights: tokenizer, chat template, generation config, labels.json,
-manifest.json (written last); the directory appears only complete (written beside it, then renamed).
+calibration.json, manifest.json (written last); the directory appears only complete (written beside it, then renamed).
 Before the rename the copy is loaded back, must hold only bitsandbytes layers and answer a prompt.
 Reports the size on disk (copy vs source), the load time (copy vs quantizing at load time) and how
 often its best label agrees with the 16-bit model's on the test split (quantize.compare_items).
@@ -249,7 +249,7 @@ def report(f: dict) -> None:
               f"{o['most_outlier_columns']})" + ("" if o["calls_with_outlier_columns"] else
                                                  ": outlier thresholds 0.0 and 6.0 compute the same on this model"))
     print(f"wrote {f['target']}/ (safetensors, tokenizer, chat template, generation config, labels.json, "
-          f"manifest.json) in {f['total_s']:.1f}s")
+          f"calibration.json, manifest.json) in {f['total_s']:.1f}s")
 
 
 def cli_run(cfg, args) -> dict:

@@ -4,11 +4,13 @@
     python train_qwen.py --method qlora --run-name news-qlora --learning-rate 1e-4
     python train_qwen.py --resume                          # continue the newest run from its last checkpoint
     accelerate launch --num_processes 2 train_qwen.py      # the same script on several GPUs (DDP)
+    python train_qwen.py --calibrate-only models/<run>     # only fit calibration.json (a run trained without it)
 
 Writes models/<run>/: the best adapter (safetensors), tokenizer + chat template, labels.json,
 config.resolved.yaml, train_info.json (data hash, figures, best metric; written last) and
-checkpoints/; JSON-lines log in logs/train_qwen.jsonl; TensorBoard in logs/tensorboard/<run>/.
-The loss sees only the answer tokens (label + <|im_end|>), through the prompt contract.
+calibration.json (the label probabilities' temperature, fitted on the val split), checkpoints/; JSON-lines
+log in logs/train_qwen.jsonl; TensorBoard in logs/tensorboard/<run>/. The loss sees only the answer
+tokens (label + <|im_end|>), through the prompt contract.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ quiet_libraries()
 import contextlib
 import dataclasses
 import json
-from dataclasses import asdict
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ import yaml
 
 from common.cli import add_force, run_stage
 from common.config import ConfigError
+from common.evaluation.calibration import calibrate_run, recalibrate, summary_line
 from common.evaluation.classification_metrics import classification_metrics
 from common.evaluation.plots import save_training_curves
 from common.evaluation.provenance import run_provenance
@@ -338,10 +340,12 @@ def run(cfg, resume: bool = False, force: bool = False) -> dict:
         "padding_ratio": round(trainer.data_collator.padding_ratio, 4), "trainable_parameters": n_train,
         "peak_memory_gib": round(peak_memory_gib(device), 2), "device": device, **cuda_figures(device),
         "provenance": run_provenance(cfg, processed, model_path, device, str(pick_dtype(device)).removeprefix("torch.")),
-        "health": [asdict(f) for f in trainer.health.findings],
-        "ended_degenerate": [asdict(f) for f in trainer.health.ended_degenerate()],
+        "health": [dataclasses.asdict(f) for f in trainer.health.findings],
+        "ended_degenerate": [dataclasses.asdict(f) for f in trainer.health.ended_degenerate()],
     }
     if trainer.is_world_process_zero():
+        if labels:  # the best model is loaded (load_best_model_at_end): its probabilities are calibrated
+            figures["calibration"] = calibrate_run(run_dir, trainer.model, tokenizer, splits["val"], labels, cfg)
         save_run(trainer, run_dir, cfg, processed, figures)
     return figures | {"run_dir": str(run_dir)}
 
@@ -356,8 +360,10 @@ def report(figures: dict, strict: bool = False) -> int:
           f"{figures['tokens_per_second']:.0f} tokens/s, {figures['samples_per_second']:.1f} samples/s, "
           f"padding {100 * figures['padding_ratio']:.1f}%, peak memory {figures['peak_memory_gib']:.2f} GiB")
     print(f"best on val: {score} ({figures['best_checkpoint']})")
-    print(f"wrote {figures['run_dir']}/ (adapter, tokenizer, labels.json, config.resolved.yaml, train_info.json, "
-          f"curves_loss.png, curves_metrics.png)")
+    if "calibration" in figures:
+        print(summary_line(figures["calibration"]))
+    print(f"wrote {figures['run_dir']}/ (adapter, tokenizer, labels.json, calibration.json, config.resolved.yaml, "
+          f"train_info.json, curves_loss.png, curves_metrics.png)")
     degenerate = figures["ended_degenerate"]
     for f in degenerate:
         print(f"WARNING: this run ended degenerate: {f['finding']} (step {f['step']}). Likely: {f['cause']}. "
@@ -370,12 +376,21 @@ def add_args(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     add_force(parser, "run directory")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the run ends degenerate (health findings)")
+    parser.add_argument("--calibrate-only", metavar="RUN", help="train nothing: fit RUN's calibration.json")
+
+
+def work(cfg, a) -> dict:
+    if a.calibrate_only:
+        run_dir = cfg.resolve(a.calibrate_only)
+        return {"calibration": recalibrate(cfg, run_dir), "run_dir": str(run_dir), "calibrate_only": True}
+    return {**run(cfg, a.resume, a.force), "strict": a.strict}
 
 
 def main(argv=None) -> int:
-    return run_stage("train_qwen", __doc__, lambda cfg, a: {**run(cfg, a.resume, a.force), "strict": a.strict},
-                     section="train", model_help="base model directory", add_args=add_args,
-                     report=lambda figures: report(figures, figures["strict"]), argv=argv)
+    return run_stage("train_qwen", __doc__, work, section="train", model_help="base model directory",
+                     add_args=add_args, argv=argv, report=lambda figures: print(
+                         f"{summary_line(figures['calibration'])}\nwrote {figures['run_dir']}/calibration.json")
+                     if figures.get("calibrate_only") else report(figures, figures["strict"]))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ class TrainConfig:
     early_stopping_patience: int
     eval_max_items: int
     eval_batch_size: int
+    calibration_items: int
     logging_steps: int
     seed: int
     deterministic: bool

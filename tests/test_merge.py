@@ -84,6 +84,7 @@ def test_merged_dir_is_a_plain_complete_model(merged, trained_run, tokenizer, la
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "Qwen3ForCausalLM" and not (out / "adapter_config.json").exists()
     assert (out / "labels.json").read_bytes() == (trained_run / "labels.json").read_bytes()
+    assert (out / "calibration.json").read_bytes() == (trained_run / "calibration.json").read_bytes()  # its T
     assert (out / "chat_template.jinja").read_bytes() == (trained_run / "chat_template.jinja").read_bytes()
     assert not (out / "train_info.json").exists()  # or newest_run() would take the merged dir for a run
     pcfg = load_config(use_env=False).prompt

@@ -48,7 +48,7 @@ def test_copy_loads_quantized_without_a_config_and_answers(bits, copies, merged,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out, _ = copies[bits]
     assert check_model_dir(out) == []
-    for name in ("labels.json", "chat_template.jinja", "tokenizer.json", "generation_config.json"):
+    for name in ("labels.json", "calibration.json", "chat_template.jinja", "tokenizer.json", "generation_config.json"):
         assert (out / name).read_bytes() == (merged / name).read_bytes(), name
     model = AutoModelForCausalLM.from_pretrained(out, device_map={"": "cpu"}).eval()  # no quantization config
     kinds = {type(m).__name__ for name, m in model.named_modules() if name.endswith("_proj") or name == "lm_head"}

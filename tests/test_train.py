@@ -1,6 +1,9 @@
-"""train_qwen.py: answer-only loss, real few-step runs (lora, qlora, lora8), resume after SIGKILL, DDP."""
+"""train_qwen.py: answer-only loss, real few-step runs (lora, qlora, lora8), resume after SIGKILL, DDP,
+the temperature fitted on the val split (calibration.json)."""
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +57,7 @@ def test_answer_only_loss_equals_the_full_sequence_loss(tiny_model, tokenizer, p
 
 def test_lora_run_writes_a_usable_adapter(trained_run, tiny_model, prepared_data):
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
-                 "labels.json", "config.resolved.yaml", "history.json", "train_info.json"):
+                 "labels.json", "calibration.json", "config.resolved.yaml", "history.json", "train_info.json"):
         assert (trained_run / name).is_file(), name
     info = json.loads((trained_run / "train_info.json").read_text())
     assert info["global_step"] == 4 and info["method"] == "lora" and len(info["data_sha256"]) == 64
@@ -64,6 +67,27 @@ def test_lora_run_writes_a_usable_adapter(trained_run, tiny_model, prepared_data
     assert 1 <= len(ckpts) <= 3  # save_total_limit
     model = load_model(trained_run)  # the adapter directory alone finds its base
     assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_the_run_is_calibrated_on_its_val_split(trained_run, tiny_model, prepared_data, tmp_path):
+    cal = json.loads((trained_run / "calibration.json").read_text())
+    assert cal["split"] == "val" and cal["items"] == len(read_jsonl(prepared_data / "val.jsonl"))
+    assert math.isfinite(cal["temperature"]) and 0.05 <= cal["temperature"] <= 20
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-6  # T minimises the val NLL; T = 1 is one candidate
+    assert all(0 <= r["coverage"] <= 1 for r in cal["coverage"]) and cal["coverage"][0]["threshold"] == 0.5
+    info = json.loads((trained_run / "train_info.json").read_text())
+    assert info["calibration"]["temperature"] == cal["temperature"] and "ece_after" in info["calibration"]
+    # --calibrate-only on a run without the file: the same fit, by the same code path, from the run on disk
+    run = tmp_path / "old"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "calibration.json"))
+    proc = run_script("train_qwen.py", "--calibrate-only", str(run), "--set", f"data.processed_dir={prepared_data}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"calibration: T={cal['temperature']:.2f} on {cal['items']} val items" in proc.stdout
+    refit = json.loads((run / "calibration.json").read_text())["temperature"]
+    assert math.isclose(refit, cal["temperature"], rel_tol=1e-2)
+    assert json.loads((run / "train_info.json").read_text())["calibration"]["temperature"] == refit
+    other = run_script("train_qwen.py", "--calibrate-only", str(run), "--set", f"data.processed_dir={tmp_path}")
+    assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-2000:]
 
 
 def test_existing_run_is_not_overwritten(trained_run, tiny_model, prepared_data):

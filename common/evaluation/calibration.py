@@ -100,7 +100,81 @@ def threshold_for(curve: list[dict], target_accuracy: float) -> dict | None:
     return min(ok, key=lambda r: r["threshold"]) if ok else None
 
 
+def figures(logprobs: torch.Tensor, truth: list[int], temperature: float) -> dict:
+    """What calibration at `temperature` does on scored items: NLL and ECE before (T = 1) and after, the
+    reliability tables, and the coverage curve at T (the probabilities clients get)."""
+    before, after = probabilities(logprobs), probabilities(logprobs, temperature)
+    return {"temperature": temperature, "items": len(truth),
+            "nll_before": round(nll(logprobs, truth), 4), "nll_after": round(nll(logprobs, truth, temperature), 4),
+            "ece_before": ece(before, truth), "ece_after": ece(after, truth),
+            "reliability_before": reliability(before, truth), "reliability_after": reliability(after, truth),
+            "coverage": coverage_curve(after, truth)}
+
+
+def fit_on(model, tokenizer, records: list[dict], labels: list[str], prompt_cfg, batch_size: int = 8) -> dict:
+    """Score `records` (text + label) with the model in eval mode and fit T on them: figures() at the fitted
+    T. Training calls it on the validation split, with the model it just trained."""
+    from common.model.label_scoring import score_label_ids
+    from common.text.prompts import classification_ids
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        prompts = classification_ids(tokenizer, [r["text"] for r in records], labels, prompt_cfg)
+        scores = score_label_ids(model, tokenizer, prompts, labels, batch_size).logprobs
+    model.train(was_training)
+    truth = [labels.index(r["label"]) for r in records]
+    return figures(scores, truth, fit_temperature(scores, truth))
+
+
 # ----------------------------------------------------------------------------- the run's file
+SUMMARY = ("temperature", "items", "nll_before", "nll_after", "ece_before", "ece_after")  # train_info.json's
+
+
+def calibrate_run(run_dir: Path, model, tokenizer, records: list[dict], labels: list[str], cfg) -> dict | None:
+    """Fit T on (a seeded sample of at most train.calibration_items of) the val split `records` and write
+    calibration.json into the run; returns the SUMMARY figures, or None when train.calibration_items is 0."""
+    import random
+    t = cfg.train
+    if t.calibration_items <= 0 or not records:
+        return None
+    sample = random.Random(t.seed).sample(records, min(t.calibration_items, len(records)))
+    found = fit_on(model, tokenizer, sample, labels, cfg.prompt, t.eval_batch_size)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_calibration(run_dir, split="val", **found)
+    return {k: found[k] for k in SUMMARY}
+
+
+def recalibrate(cfg, run_dir: Path) -> dict | None:
+    """calibration.json for a finished run (`train_qwen.py --calibrate-only RUN`: one trained before
+    calibration existed), fitted on the val split it was trained on, the model loaded as evaluate_model.py
+    loads it; the figures go into its train_info.json too."""
+    from common.config import ConfigError
+    from common.model.loading import adapter_base_path, load_tokenizer
+    from common.model.memory import load_as_served
+    from common.text.prepared import data_hash, load_splits, read_labels
+    info_path, processed = Path(run_dir) / "train_info.json", cfg.resolve(cfg.data.processed_dir)
+    labels = read_labels(run_dir) if info_path.is_file() else None
+    if not labels:
+        raise ConfigError(f"{run_dir} is no finished classification run (train_info.json and labels.json)")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    if info.get("data_sha256") != data_hash(processed, ("train", "val")):
+        raise ConfigError(f"{processed} is not the data {Path(run_dir).name} was trained on; set the "
+                          f"data.processed_dir (or the profile) the run used")
+    model, _ = load_as_served(cfg, cfg.resolve(adapter_base_path(run_dir)), run_dir, cfg.evaluate.quantization)
+    val = load_splits(processed, ("val",))["val"]
+    info["calibration"] = calibrate_run(run_dir, model, load_tokenizer(run_dir), val, labels, cfg)
+    info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+    return info["calibration"]
+
+
+def summary_line(c: dict | None) -> str:
+    """The terminal's one line: "calibration: T=1.83 on 200 val items, ECE 0.121 -> 0.034"."""
+    if not c:
+        return "calibration: off (train.calibration_items is 0)"
+    return (f"calibration: T={c['temperature']:.2f} on {c['items']} val items, "
+            f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}")
+
+
 def write_calibration(run_dir: Path, temperature: float, **figures) -> Path:
     """calibration.json in the run: the temperature and how it was fitted (split, items, NLL, ECE)."""
     path = Path(run_dir) / CALIBRATION

@@ -18,7 +18,11 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # What a derived model directory (merged, quantized, converted) carries over besides its weights.
 EXTRA_FILES = (*TOKENIZER_FILES, "chat_template.jinja", "chat_template.json", "special_tokens_map.json",
-               "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "labels.json")
+               "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "labels.json",
+               "calibration.json")
+# Files that describe one model's scores (the fitted temperature): taken from the first source only (the
+# adapter run, the merged model), never from a base that another run was trained on.
+OWN_FILES = ("calibration.json",)
 
 
 @dataclass
@@ -164,7 +168,7 @@ def copy_extras(sources: list[Path], dst: Path) -> list[str]:
     """Copy EXTRA_FILES into dst, each from the first source that has it; returns the names copied."""
     copied = []
     for name in EXTRA_FILES:
-        src = next((d / name for d in sources if (d / name).is_file()), None)
+        src = next((d / name for d in (sources[:1] if name in OWN_FILES else sources) if (d / name).is_file()), None)
         if src is not None:
             shutil.copyfile(src, dst / name)
             copied.append(name)
