@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_PORT ?= 8000
 
-.PHONY: test demo demo-clean clean-venv system-deps gpu-wheels
+.PHONY: test demo demo-clean clean-venv system-deps gpu-wheels mlflow-server
 
 # Debian packages some tests start for real: nginx in front of gunicorn, a Redis server for shared rate
 # limits, headless Chromium (with a CJK font) to render the dashboard and the evaluation report. Installed
@@ -28,7 +28,19 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-test: $(STAMP) system-deps
+# An MLflow tracking server for train.report_to: [mlflow] (tests/test_tracking.py starts one from here). mlflow
+# pins gunicorn<27 and the service needs 27, so the server lives in its own environment; the toolkit needs
+# only the client (mlflow-skinny, in requirements.txt). Run one: .venv-mlflow/bin/mlflow server --port 5000
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
+$(MLFLOW_STAMP):
+	test -x $(MLFLOW_VENV)/bin/python || python3 -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MLFLOW_VENV)/bin/python -m pip install -q mlflow==3.17.2
+	touch $@
+mlflow-server: $(MLFLOW_STAMP)
+
+test: $(STAMP) $(MLFLOW_STAMP) system-deps
 	$(PY) -m pytest
 
 # ---- the demo: each step is a file, so a re-run rebuilds only what is missing or out of date.
