@@ -74,10 +74,9 @@ def classify_chat(w: Worker, p: Params, ids: list[int], rid: str, acct: Accounti
     from common.text.prompts import answer_ids
     if p.stream:
         raise ApiError(400, "classification ('labels') answers in one piece; send stream: false", param="stream")
-    (label, prob, probs), = w.classify([ids], w.labels_for(p.labels), gone)
-    acct.tokens_out = len(answer_ids(w.tokenizer, label))
-    return chat_response(rid, w.name, label, "stop", usage(len(ids), acct.tokens_out),
-                         {"label": label, "probability": prob, "probabilities": probs})
+    result, = w.classify([ids], w.labels_for(p.labels), gone)
+    acct.tokens_out = len(answer_ids(w.tokenizer, result["label"]))
+    return chat_response(rid, w.name, result["label"], "stop", usage(len(ids), acct.tokens_out), result)
 
 
 def completions(w: Worker):
@@ -98,8 +97,7 @@ def classify_texts(w: Worker):
     labels, acct = w.labels_for(labels), g.acct
     results = w.classify(w.classification_prompts(texts, labels, acct), labels, gone)
     acct.tokens_out = len(results)
-    return jsonify({"id": new_id("cls"), "object": "classification", "model": w.name,
-                    "results": [{"label": lab, "probability": pr, "probabilities": ps} for lab, pr, ps in results]})
+    return jsonify({"id": new_id("cls"), "object": "classification", "model": w.name, "results": results})
 
 
 def models(w: Worker):

@@ -361,6 +361,28 @@ def test_base_plus_adapter_with_its_labels(tiny_model, trained_run, tmp_path):
         srv.stop()
 
 
+def test_the_models_temperature_calibrates_its_own_labels_only(server, tiny_model, tmp_path):
+    from common.evaluation.calibration import write_calibration
+    (model := tmp_path / "calibrated").mkdir()
+    [(model / f.name).symlink_to(f) for f in tiny_model.iterdir()]  # the same weights, with calibration.json
+    labels, texts = ["货币政策", "股市", "房地产"], ["央行宣布降准", "沪指收涨"]
+    (model / "labels.json").write_text(json.dumps({"task": "classification", "labels": labels}))
+    write_calibration(model, 2.0, split="val", items=100)
+    classify = lambda srv, **x: requests.post(srv.url + "/v1/classify", json={"text": texts, **x}, timeout=60).json()["results"]  # noqa: E731,E501
+    raw, srv = classify(server, labels=labels), start_server(model, tmp_path / "logs", RATE_LIMITS="1000/minute")
+    try:
+        own, shuffled, other = classify(srv), classify(srv, labels=labels[::-1]), classify(srv, labels=labels[:2])
+        assert [r["calibrated"] for r in raw + own + shuffled + other] == [False] * 2 + [True] * 4 + [False] * 2
+        assert requests.post(srv.url + CHAT, json=chat(texts[0], labels=True)).json()["choices"][0]["message"]["calibrated"]
+        for r, p in zip(own, raw):  # T = 2: the raw probabilities' square roots, renormalized
+            roots = {k: v ** 0.5 for k, v in p["probabilities"].items()}
+            assert all(abs(r["probabilities"][k] - roots[k] / sum(roots.values())) < 1e-4 for k in labels), (r, p)
+            assert r["label"] == p["label"] and r["probability"] < p["probability"]  # same label, less sure
+        assert [requests.get(s.url + "/stats").json()["placement"]["label_temperature"] for s in (server, srv)] == [None, 2]
+    finally:
+        srv.stop()
+
+
 def test_benchmark_modes_run_against_the_service(server, tmp_path):
     """benchmark.py's three modes, reduced, against the real server: figures come out, none is made up."""
     from conftest import run_script

@@ -195,12 +195,14 @@ def engine_report(engine, serve) -> dict:
 
 
 def placement_report(worker) -> dict:
-    """How the model was loaded: precision, LLM.int8's outlier threshold, where the head and embedding sit."""
+    """How the model was loaded: precision, LLM.int8's outlier threshold, where the head and embedding sit, and
+    the temperature of its labels' probabilities (calibration.json; null: raw scores)."""
     p = worker.placement
     if p is None:
         return {}
     return {"quantization": p.quantization, "int8_threshold": worker.int8_threshold,
-            "lm_head_quantized": p.quantize_lm_head, "embedding_on_cpu": p.embed_on_cpu, "device": worker.device}
+            "lm_head_quantized": p.quantize_lm_head, "embedding_on_cpu": p.embed_on_cpu, "device": worker.device,
+            "label_temperature": worker.temperature}
 
 
 def memory_report() -> dict:

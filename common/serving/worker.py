@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from common.evaluation.calibration import calibration_of, probabilities, temperature_of
 from common.model.files import serving_model
 from common.model.memory import kv_budget, load_as_served, model_shape
 from common.serving.accounting import Accounting
@@ -57,6 +58,7 @@ class Worker:
         self.name = cfg.serve.served_model_name or (self.adapter or self.model_dir).name
         self.engine = self.tokenizer = None
         self.labels: list[str] = []
+        self.temperature: float | None = None  # calibration.json's, for self.labels' probabilities; None: no file
         self.error: str | None = None
         self.draining = False
         self.keys = api_keys(cfg.serve)
@@ -76,14 +78,17 @@ class Worker:
             self.tokenizer = load_tokenizer(self.adapter or self.model_dir)
             model, shape = self._load_model()
             self.labels = read_labels(*filter(None, (self.adapter, self.model_dir))) or []
+            if calibration_of(self.adapter, self.model_dir) is not None:
+                self.temperature = temperature_of(self.adapter, self.model_dir)
             self.sampling = server_defaults(s, self.model_dir)
             self.kv_budget, source = kv_budget(shape, s, self.device, self.cfg.model.gpu_memory_cap_gib)
             self.engine = Engine(model, self.tokenizer, s.max_concurrent, s.max_queue, s.max_queue_wait_s,
                                  s.batch_wait_ms, unhealthy_after=s.unhealthy_after_failures,
                                  unhealthy_window_s=s.unhealthy_window_s, kv_budget=self.kv_budget,
                                  max_prefill_tokens=s.max_prefill_tokens)
-            log.info("serving %s (%d labels), loaded in %.1fs; KV budget %d tokens (%s); sampling defaults %s",
-                     self.name, len(self.labels), time.time() - started, self.kv_budget, source, self.sampling)
+            log.info("serving %s (%d labels, temperature %s), loaded in %.1fs; KV budget %d tokens (%s); sampling "
+                     "defaults %s", self.name, len(self.labels), self.temperature, time.time() - started,
+                     self.kv_budget, source, self.sampling)
         except Exception as e:  # the worker stays up and says why on /health
             self.error = f"{type(e).__name__}: {e}"
             log.exception("model load failed")
@@ -249,8 +254,14 @@ class Worker:
         if error is not None:
             raise error
 
-    def classify(self, ids: list[list[int]], labels: list[str], gone) -> list[tuple[str, float, dict]]:
-        """(best label, its probability, every label's probability) per prompt: one scoring pass."""
+    def calibrated(self, labels: list[str]) -> bool:
+        """The model's temperature applies to the label set it was fitted on (labels.json's, in any order);
+        another set's probabilities are the raw scores'."""
+        return self.temperature is not None and set(labels) == set(self.labels)
+
+    def classify(self, ids: list[list[int]], labels: list[str], gone) -> list[dict]:
+        """Per prompt: the best label, its probability, every label's probability and whether they are
+        calibrated (common/evaluation/calibration.py); one scoring pass."""
         from common.model.label_scoring import label_tokens
         from common.serving.engine_requests import ScoreRequest
         req = ScoreRequest(prompt_ids=ids, labels=labels, deadline=time.monotonic() + self.cfg.serve.request_timeout_s,
@@ -259,11 +270,12 @@ class Worker:
             raise self.too_large(req.tokens_per_prompt, f"scoring {len(labels)} labels on a prompt")
         self._submit(req)
         self._wait(req, gone)
+        calibrated = self.calibrated(labels)
         out = []
-        for row in req.logprobs.softmax(-1):
+        for row in probabilities(req.logprobs, self.temperature if calibrated else 1.0):
             probs = {label: round(float(p), 6) for label, p in zip(labels, row)}
             best = max(probs, key=probs.get)
-            out.append((best, probs[best], probs))
+            out.append({"label": best, "probability": probs[best], "probabilities": probs, "calibrated": calibrated})
         return out
 
     def stream(self, req, p: Params, chunk, acct: Accounting, opening: dict | None = None):
