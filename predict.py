@@ -173,7 +173,8 @@ def read_rows(cfg, args, src: Path) -> tuple[list[str], list[dict], list[str | N
     for it in table.items:
         raw = it.raw if isinstance(it.raw, dict) else dict(zip(table.columns, it.raw)) \
             if isinstance(it.raw, list) else {}
-        text, why = cell_text(raw.get(col)) if it.kind is None else (None, it.reason)
+        text, why = (None, it.reason) if it.kind else cell_text(raw.get(col)) if isinstance(it.raw, dict) \
+            else (None, "not a JSON object")
         rows.append(raw)
         texts.append(text)
         statuses.append(why)
@@ -191,13 +192,12 @@ def out_names(columns: list[str]) -> dict[str, str]:
     return names
 
 
-def review_threshold(args, scorer) -> float:
+def review_threshold(args, local: Path | None) -> float:
     """--review-below, or the lowest threshold whose labels reach --target-accuracy on the validation split."""
     if args.target_accuracy is None:
         return args.review_below
     from common.evaluation.calibration import calibration_of, threshold_for
-    dirs = [getattr(scorer, "model_dir", None), scorer.run]
-    found = calibration_of(*dirs)
+    found = calibration_of(local, find_run(local)) if local else None
     if not found or not found.get("coverage"):
         raise UserError("--target-accuracy needs the model's calibration.json with its coverage curve (train_qwen.py "
                         "writes it; in --url mode pass --model too); or use --review-below P")
@@ -268,16 +268,21 @@ def output_path(args) -> Path:
     return out
 
 
-def build_scorer(cfg, args):
+def local_model(cfg, args) -> Path | None:
+    """--model, else (without --url) the newest merged model in train.runs_dir."""
     from common.model.files import newest_merged
-    local = Path(args.model) if args.model else None
+    if args.model or args.url:
+        return Path(args.model) if args.model else None
+    try:
+        return newest_merged(cfg.resolve(cfg.train.runs_dir))
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+
+
+def build_scorer(cfg, args, local: Path | None):
     if args.url:
         key = args.api_key or os.environ.get("API_KEY") or next(iter(cfg.serve.api_keys), None)
         return ServiceScorer(cfg, args.url, key, local, args.max_tokens)
-    try:
-        local = local or newest_merged(cfg.resolve(cfg.train.runs_dir))
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
     return LocalScorer(cfg, local, args.batch_size or cfg.evaluate.batch_size, args.max_tokens)
 
 
@@ -285,9 +290,10 @@ def run(cfg, args) -> dict | None:
     out = output_path(args)
     src, wall = Path(args.input), time.perf_counter()
     columns, rows, texts, statuses = read_rows(cfg, args, src)  # before the model: a wrong column fails at once
+    local = local_model(cfg, args)
+    threshold = review_threshold(args, local)  # before the model loads: a threshold no one reaches fails at once
     rank, world, barrier = processes()
-    scorer = build_scorer(cfg, args)
-    threshold = review_threshold(args, scorer)
+    scorer = build_scorer(cfg, args, local)
     identity = {"input": file_sha256(src), "model": scorer.identity,
                 "settings": {"text_col": args.text_col, "chunk_rows": args.chunk_rows, "batch_size": args.batch_size,
                              "max_tokens": scorer.max_tokens, "prompt": vars(cfg.prompt)}}

@@ -213,13 +213,15 @@ def test_two_processes_write_what_one_does(backlog, run_dir, local_csv, tmp_path
     assert out.read_bytes() == local_csv[0].read_bytes()
 
 
-def test_errors_are_one_sentence(backlog, local_csv, tmp_path):
+def test_errors_are_one_sentence(backlog, local_csv, tmp_path, capsys):
+    """Each is found before a model loads: one line on stderr, exit 1 (in process: the same main())."""
+    import predict as stage
     cases = [(["--input", str(tmp_path / "nope.csv")], "not found"),
              (["--input", str(backlog[0]), "--output", str(tmp_path / "a.csv"), "--text-col", "正文"],
               "text column '正文' not found; the file has columns: 编号, 内容, 来源"),
              (["--input", str(backlog[0])], "exists; pass --force"),
              (["--input", str(backlog[0]), "--output", str(tmp_path / "a.parquet")], "name the output .csv")]
     for args, message in cases:
-        proc = predict(*args)
-        assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
-        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert stage.main(args) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
