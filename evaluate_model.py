@@ -5,11 +5,13 @@
     python evaluate_model.py --baseline models/other-run/eval-test/metrics.json   # print the deltas
 
 Every label's log-probability is scored after the prompt (common/model/label_scoring.py), so each answer is a
-valid label with a probability. Writes <model>/eval-<split>/: metrics.json (accuracy, macro-F1,
-weighted-F1, per-class precision/recall/F1/support, confusion matrix, the majority-class and uniform
-baselines, a degenerate flag), predictions.jsonl, confusion_matrix.png, and report.md / report.html
-(the run's story on one page: provenance, curves, per-class scores, confident mistakes); prints a
-per-class table, the baselines, items/s and latency.
+valid label with a probability, calibrated by the run's temperature (calibration.json, fitted on the val
+split by train_qwen.py). Writes <model>/eval-<split>/: metrics.json (accuracy, macro-F1, weighted-F1,
+per-class precision/recall/F1/support, confusion matrix, the majority-class and uniform baselines, a
+degenerate flag, calibration: ECE before/after the temperature, reliability tables, coverage curve),
+predictions.jsonl, confusion_matrix.png, reliability.png, coverage.png and report.md / report.html (the
+run's story on one page: provenance, curves, per-class scores, calibration, confident mistakes); prints a
+per-class table, the baselines, the ECE, items/s and latency.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from common.cli import run_stage
+from common.evaluation.calibration import calibration_figures, calibration_of, probabilities, temperature_of
 from common.config import ConfigError
 from common.evaluation.classification_metrics import classification_metrics
 from common.evaluation.plots import save_confusion_png
@@ -116,13 +119,15 @@ def run(cfg, output_dir: str | None = None) -> dict:
     with tqdm(total=len(prompts), desc="scoring", unit="item") as bar:
         scores = score_label_ids(model, tokenizer, prompts, labels, e.batch_size, progress=bar)
     seconds = time.time() - start
-    idx, conf = scores.best()
+    calibration = calibration_block(model_dir, scores.logprobs, [labels.index(r["label"]) for r in records])
+    conf, idx = probabilities(scores.logprobs, calibration["temperature"]).max(dim=-1)  # the served probabilities
+    idx, conf = idx.tolist(), conf.tolist()
     predicted, truth = [labels[i] for i in idx], [r["label"] for r in records]
     metrics = add_baselines(classification_metrics(truth, predicted, labels), truth, predicted)
     metrics.update(model=str(model_dir), split=e.split, items=len(records), seconds=round(seconds, 2),
                    items_per_second=round(len(records) / seconds, 1),
                    ms_per_item=round(1000 * seconds / len(records), 1),
-                   prompt_tokens_mean=round(sum(map(len, prompts)) / len(prompts), 1))
+                   prompt_tokens_mean=round(sum(map(len, prompts)) / len(prompts), 1), calibration=calibration)
     if e.generate:
         start = time.time()
         generated = generate_labels(model, tokenizer, prompts, labels, e.batch_size, e.max_new_tokens)
@@ -133,6 +138,23 @@ def run(cfg, output_dir: str | None = None) -> dict:
     split_path = cfg.resolve(cfg.data.processed_dir) / f"{e.split}.jsonl"
     written = write_outputs(out_dir, metrics, records, predicted, conf, model_dir, split_path)
     return metrics | {"output_dir": str(out_dir), "written": written, "provenance_lines": run_lines(model_dir)}
+
+
+def calibration_block(model_dir: Path, logprobs: torch.Tensor, truth: list[int]) -> dict:
+    """The split's calibration at the model's temperature (its calibration.json, which merge and quantize
+    copy; T = 1 without one): ECE and NLL before and after, reliability tables, coverage curve."""
+    found = calibration_of(model_dir)
+    fitted = f"{found.get('split', '?')} split, {found.get('items', '?')} items" if found else None
+    return {**calibration_figures(logprobs, truth, temperature_of(model_dir)), "fitted_on": fitted}
+
+
+def calibration_line(m: dict) -> str:
+    c = m["calibration"]
+    if not c["fitted_on"]:
+        return (f"calibration: no calibration.json (raw probabilities, T=1): ECE on {m['split']} "
+                f"{c['ece_before']:.3f}; python train_qwen.py --calibrate-only RUN fits one")
+    return (f"calibration: T={c['temperature']:.2f} (fitted on the {c['fitted_on']}): ECE on {m['split']} "
+            f"{c['ece_before']:.3f} -> {c['ece_after']:.3f}, NLL {c['nll_before']:.3f} -> {c['nll_after']:.3f}")
 
 
 def run_lines(model_dir: Path) -> list[str]:
@@ -160,6 +182,7 @@ def report(m: dict, baseline: dict | None) -> None:
     print()
     print_table(m, baseline)
     print_baselines(m)
+    print(calibration_line(m))
     for line in m.get("provenance_lines", []):  # what the evaluated run was made of (train_info.json)
         print(line)
     print(f"\nlabel scoring: {m['items']} items in {m['seconds']:.1f}s = {m['items_per_second']} items/s, "

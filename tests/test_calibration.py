@@ -2,8 +2,8 @@
 labels drawn from softmax(z), scores 3z (overconfident by a factor 3), so the right temperature is ~3."""
 import torch
 
-from common.evaluation.calibration import (coverage_curve, ece, fit_temperature, nll, probabilities, reliability,
-                                           temperature_of, threshold_for, write_calibration)
+from common.evaluation.calibration import (coverage_curve, ece, fit_temperature, fit_within_range, nll, probabilities,
+                                           reliability, summary_line, temperature_of, threshold_for, write_calibration)
 
 
 def overconfident(n=3000, k=4, factor=3.0, seed=0):
@@ -51,3 +51,16 @@ def test_the_run_file_round_trips_and_a_broken_one_means_raw_scores(tmp_path):
     assert temperature_of(None, tmp_path) == 2.5
     (tmp_path / "calibration.json").write_text("{broken")
     assert temperature_of(tmp_path) == 1.0
+
+
+def test_a_fit_that_runs_to_a_bound_keeps_the_raw_scores():
+    """Every item right: the NLL falls all the way to T -> 0, so no temperature is fitted (T stays 1, noted)."""
+    scores, truth = overconfident(n=200)
+    perfect = scores.argmax(-1).tolist()
+    kept = fit_within_range(scores, perfect)
+    assert kept["temperature"] == 1.0 and kept["fitted"] <= 0.06 and "right on every item" in kept["note"]
+    assert kept["ece_after"] == kept["ece_before"] and "T is kept at 1" in summary_line(kept)
+    fitted = fit_within_range(scores, truth)
+    assert 2.6 < fitted["temperature"] < 3.4 and "note" not in fitted
+    assert summary_line(fitted) == (f"calibration: T={fitted['temperature']:.2f} on 200 val items, "
+                                    f"ECE {fitted['ece_before']:.3f} -> {fitted['ece_after']:.3f}")

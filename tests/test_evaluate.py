@@ -1,5 +1,6 @@
 """evaluate_model.py and the metrics it shares with training."""
 import json
+import shutil
 
 import pytest
 from conftest import run_script
@@ -50,9 +51,32 @@ def test_evaluate_cli_writes_metrics_png_and_predictions(trained_run, prepared_d
     assert m["degenerate"] == (one_class or m["macro_f1"] <= major["macro_f1"])
     assert ("warning: degenerate predictions" in proc.stdout) == m["degenerate"]
     assert f"report: {out / 'report.html'}" in proc.stdout and (out / "report.md").is_file()
-    base = run_script("evaluate_model.py", "--model", str(trained_run), "--set", f"data.processed_dir={prepared_data}",
+    # issue 23: the probabilities are the run's calibrated ones; ECE before (T = 1) and after, recomputable
+    c, t = m["calibration"], json.loads((trained_run / "calibration.json").read_text())["temperature"]
+    assert c["temperature"] == t and c["fitted_on"].startswith("val split") and c["items"] == m["items"]
+    assert c["ece_after"] == pytest.approx(ece_of(preds), abs=2e-3)  # predictions.jsonl holds the calibrated ones
+    assert f"calibration: T={t:.2f}" in proc.stdout and (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    raw = tmp_path / "raw"  # the same run without its calibration.json: the raw probabilities, the same labels
+    shutil.copytree(trained_run, raw, ignore=shutil.ignore_patterns("checkpoints", "calibration.json"))
+    base = run_script("evaluate_model.py", "--model", str(raw), "--set", f"data.processed_dir={prepared_data}",
                       "--output-dir", str(tmp_path / "again"), "--baseline", str(out / "metrics.json"))
-    assert base.returncode == 0 and "vs baseline" in base.stdout
+    assert base.returncode == 0 and "vs baseline" in base.stdout and "no calibration.json" in base.stdout
+    r = json.loads((tmp_path / "again" / "metrics.json").read_text())["calibration"]
+    assert r["temperature"] == 1.0 and r["fitted_on"] is None and r["ece_after"] == r["ece_before"] == c["ece_before"]
+    raw_preds = [json.loads(line) for line in (tmp_path / "again" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["predicted"] for p in raw_preds] == [p["predicted"] for p in preds]  # T never changes the label
+    assert r["ece_before"] == pytest.approx(ece_of(raw_preds), abs=2e-3)
+
+
+def ece_of(preds: list[dict], bins: int = 10) -> float:
+    """ECE from predictions.jsonl alone (the best label's probability, and whether it was right), by hand."""
+    total = 0.0
+    for i in range(bins):
+        inside = [p for p in preds if i / bins < p["probability"] <= (i + 1) / bins]
+        if inside:
+            accuracy = sum(p["predicted"] == p["label"] for p in inside) / len(inside)
+            total += len(inside) / len(preds) * abs(accuracy - sum(p["probability"] for p in inside) / len(inside))
+    return total
 
 
 def test_evaluate_without_a_run_says_what_to_do(prepared_data, tmp_path):

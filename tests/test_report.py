@@ -66,7 +66,8 @@ def test_report_tells_the_runs_story(evaluated, prepared_data):
     assert str(prepared_data / "test.jsonl") in md and "| seed | 42" in md
     for label, c in m["per_class"].items():
         assert f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |" in md
-    assert md_images(md) == ["curves_loss.png", "curves_metrics.png", "per_class.png", "confusion_matrix.png"]
+    assert md_images(md) == ["curves_loss.png", "curves_metrics.png", "per_class.png", "confusion_matrix.png",
+                             "reliability.png", "coverage.png"]
     assert all((out / name).read_bytes().startswith(PNG) for name in md_images(md))
 
 
@@ -80,6 +81,29 @@ def test_report_lists_the_most_confident_mistakes(evaluated):
     for row, p in zip(rows, wrong):
         assert row[1:4] == [f"{p['probability']:.3f}", p["label"], p["predicted"]]
         assert p["text"].startswith(row[4].rstrip(" |").rstrip("…"))
+
+
+def test_report_shows_the_calibration(evaluated, trained_run):
+    """The run's temperature, ECE and NLL before and after it, and every row of the coverage curve."""
+    _, out, stdout = evaluated
+    c = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["calibration"]
+    t = json.loads((trained_run / "calibration.json").read_text())["temperature"]
+    md = (out / "report.md").read_text(encoding="utf-8").split("## Calibration")[1].split("\n## ")[0]
+    assert c["temperature"] == t and f"Temperature T = {t:.2f}, fitted on the val split" in md
+    assert f"| raw scores (T = 1) | {c['ece_before']:.4f} | {c['nll_before']:.4f} |" in md
+    assert f"| calibrated (T = {t:.2f}) | {c['ece_after']:.4f} | {c['nll_after']:.4f} |" in md
+    assert sum(line.startswith("| 0.") or line.startswith("| 1.") for line in md.splitlines()) == len(c["coverage"])
+    assert f"calibration: T={t:.2f}" in stdout and f"{c['ece_before']:.3f} -> {c['ece_after']:.3f}" in stdout
+
+
+def test_reliability_diagram_draws_a_bar_per_filled_bin():
+    from common.evaluation.calibration import reliability
+    import torch
+    probs = torch.tensor([[0.95, 0.05], [0.92, 0.08], [0.6, 0.4], [0.3, 0.7]])
+    rows = reliability(probs, [0, 1, 0, 1])
+    fig = plots.reliability_figure({"before": rows, "after": rows}, "t")
+    assert [len(ax.patches) for ax in fig.axes] == [3, 3]  # bins 0.5-0.6, 0.6-0.7, 0.9-1.0 hold items
+    assert [round(p.get_height(), 4) for p in fig.axes[0].patches] == [1.0, 1.0, 0.5]
 
 
 class Images(HTMLParser):
@@ -100,7 +124,7 @@ def test_report_html_is_self_contained(evaluated):
     page = Images()
     page.feed((out / "report.html").read_text(encoding="utf-8"))
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert len(page.srcs) == len(md_images(md)) == 4 and not page.external
+    assert len(page.srcs) == len(md_images(md)) == 6 and not page.external
     for src, name in zip(page.srcs, md_images(md)):
         prefix = "data:image/png;base64,"
         assert src.startswith(prefix) and base64.b64decode(src[len(prefix):]) == (out / name).read_bytes()
@@ -119,7 +143,7 @@ def test_report_opens_in_chromium_with_every_image_shown(evaluated, tmp_path):
                            "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     shown = re.search(r'data-shown="(\d+)/(\d+)"', proc.stdout)
     assert shown, proc.stderr[-2000:]
-    assert shown.group(1) == shown.group(2) == "4"
+    assert shown.group(1) == shown.group(2) == "6"
     labels = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["labels"]
     assert all(f"<td>{label}</td>" in proc.stdout for label in labels)
 

@@ -100,7 +100,7 @@ def threshold_for(curve: list[dict], target_accuracy: float) -> dict | None:
     return min(ok, key=lambda r: r["threshold"]) if ok else None
 
 
-def figures(logprobs: torch.Tensor, truth: list[int], temperature: float) -> dict:
+def calibration_figures(logprobs: torch.Tensor, truth: list[int], temperature: float) -> dict:
     """What calibration at `temperature` does on scored items: NLL and ECE before (T = 1) and after, the
     reliability tables, and the coverage curve at T (the probabilities clients get)."""
     before, after = probabilities(logprobs), probabilities(logprobs, temperature)
@@ -112,8 +112,8 @@ def figures(logprobs: torch.Tensor, truth: list[int], temperature: float) -> dic
 
 
 def fit_on(model, tokenizer, records: list[dict], labels: list[str], prompt_cfg, batch_size: int = 8) -> dict:
-    """Score `records` (text + label) with the model in eval mode and fit T on them: figures() at the fitted
-    T. Training calls it on the validation split, with the model it just trained."""
+    """Score `records` (text + label) with the model in eval mode and fit T on them: calibration_figures() at
+    the fitted T. Training calls it on the validation split, with the model it just trained."""
     from common.model.label_scoring import score_label_ids
     from common.text.prompts import classification_ids
     was_training = model.training
@@ -122,12 +122,23 @@ def fit_on(model, tokenizer, records: list[dict], labels: list[str], prompt_cfg,
         prompts = classification_ids(tokenizer, [r["text"] for r in records], labels, prompt_cfg)
         scores = score_label_ids(model, tokenizer, prompts, labels, batch_size).logprobs
     model.train(was_training)
-    truth = [labels.index(r["label"]) for r in records]
-    return figures(scores, truth, fit_temperature(scores, truth))
+    return fit_within_range(scores, [labels.index(r["label"]) for r in records])
+
+
+def fit_within_range(logprobs: torch.Tensor, truth: list[int]) -> dict:
+    """calibration_figures() at the fitted T, or at T = 1 with a note when the fit ran to a bound of T_RANGE:
+    there the data set no temperature. A model right on every item has no NLL minimum (T -> 0 makes each
+    answer certain, and a later mistake would come at probability 1), so the raw scores stay."""
+    t = fit_temperature(logprobs, truth)
+    if T_RANGE[0] * 1.01 < t < T_RANGE[1] * 0.99:
+        return calibration_figures(logprobs, truth, t)
+    why = "the model is right on every item here" if t < 1 else "the scores carry no information here"
+    return {**calibration_figures(logprobs, truth, 1.0), "fitted": t,
+            "note": f"the fit ran to the bound T={t:g}: {why}, so T is kept at 1"}
 
 
 # ----------------------------------------------------------------------------- the run's file
-SUMMARY = ("temperature", "items", "nll_before", "nll_after", "ece_before", "ece_after")  # train_info.json's
+SUMMARY = ("temperature", "items", "nll_before", "nll_after", "ece_before", "ece_after", "note")  # train_info's
 
 
 def calibrate_run(run_dir: Path, model, tokenizer, records: list[dict], labels: list[str], cfg) -> dict | None:
@@ -141,7 +152,7 @@ def calibrate_run(run_dir: Path, model, tokenizer, records: list[dict], labels: 
     found = fit_on(model, tokenizer, sample, labels, cfg.prompt, t.eval_batch_size)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_calibration(run_dir, split="val", **found)
-    return {k: found[k] for k in SUMMARY}
+    return {k: found[k] for k in SUMMARY if k in found}
 
 
 def recalibrate(cfg, run_dir: Path) -> dict | None:
@@ -172,7 +183,7 @@ def summary_line(c: dict | None) -> str:
     if not c:
         return "calibration: off (train.calibration_items is 0)"
     return (f"calibration: T={c['temperature']:.2f} on {c['items']} val items, "
-            f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}")
+            f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}" + (f" ({c['note']})" if c.get("note") else ""))
 
 
 def write_calibration(run_dir: Path, temperature: float, **figures) -> Path:

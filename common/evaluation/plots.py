@@ -1,4 +1,5 @@
-"""The charts of a run and of its evaluation: confusion matrix, per-class scores, training curves.
+"""The charts of a run and of its evaluation: confusion matrix, per-class scores, training curves,
+reliability diagram and coverage curve (calibration).
 
 Label names are drawn as written, in any script, on a machine with no system CJK font: the
 requirements bring Noto Sans SC (pylopdf-fonts-zh-cn, OFL licence), registered with matplotlib here
@@ -202,3 +203,59 @@ def save_training_curves(history: list[dict], run_dir: Path, best_checkpoint: st
     with matplotlib.rc_context(style()):
         return [save_figure(fig, Path(run_dir) / name)
                 for name, fig in curves_figures(history, best_checkpoint).items()]
+
+
+# ----------------------------------------------------------------------------- calibration
+def reliability_figure(tables: dict[str, list[dict]], title: str) -> Figure:
+    """One panel per reliability table (calibration.reliability: {name: rows}): the accuracy of each
+    confidence bin as a bar against the diagonal of perfect calibration, its item count above it. A bar
+    below the diagonal is overconfidence; ECE is the item-weighted mean gap between the bar and the mean
+    confidence (the dot)."""
+    fig = Figure(figsize=(4.2 * len(tables), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(tables), sharey=True, squeeze=False)[0]
+    for ax, (name, rows) in zip(axes, tables.items()):
+        filled = [r for r in rows if r["items"]]
+        ax.bar([r["low"] for r in filled], [r["accuracy"] for r in filled],
+               width=[r["high"] - r["low"] for r in filled], align="edge", color="#4292c6", edgecolor="white",
+               label="accuracy of the bin")
+        ax.plot([r["confidence"] for r in filled], [r["accuracy"] for r in filled], "o", color="#08306b",
+                markersize=3, label="(mean confidence, accuracy)")
+        for r in filled:
+            ax.annotate(str(r["items"]), ((r["low"] + r["high"]) / 2, r["accuracy"]), textcoords="offset points",
+                        xytext=(0, 3), ha="center", fontsize=7)
+        ax.plot([0, 1], [0, 1], "--", color="#d62728", linewidth=1, label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (the best label's probability)", title=name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def coverage_figure(curve: list[dict], title: str) -> Figure:
+    """calibration.coverage_curve: for each threshold, the share of items labelled automatically (best
+    probability at least the threshold) and the accuracy of those; the rest would go to a person."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([r["threshold"] for r in curve], [r["coverage"] for r in curve], marker="o", markersize=4,
+            label="share labelled automatically")
+    kept = [(r["threshold"], r["accuracy"]) for r in curve if r["accuracy"] is not None]
+    if kept:
+        ax.plot(*zip(*kept), marker="o", markersize=4, label="accuracy of those")
+    ax.set(xlabel="threshold on the best label's probability", ylabel="share / accuracy", ylim=(-0.02, 1.05),
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    return fig
+
+
+def save_calibration_pngs(cal: dict, out_dir: Path) -> list[Path]:
+    """reliability.png (before and after the temperature) and coverage.png from an evaluation's
+    calibration block (calibration.figures); the paths written."""
+    t = cal["temperature"]
+    tables = {"raw scores (T = 1)": cal["reliability_before"], f"calibrated (T = {t:.2f})": cal["reliability_after"]}
+    with matplotlib.rc_context(style()):
+        return [save_figure(reliability_figure(tables, f"reliability: ECE {cal['ece_before']:.3f} -> "
+                                                       f"{cal['ece_after']:.3f}"), Path(out_dir) / "reliability.png"),
+                save_figure(coverage_figure(cal["coverage"], f"coverage at T = {t:.2f}"),
+                            Path(out_dir) / "coverage.png")]

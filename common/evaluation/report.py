@@ -3,7 +3,8 @@ inlined as a data: URI), in the evaluation's output folder.
 
 It tells a run's story in one place: the score beside the majority-class and uniform baselines, any
 training-health warnings, where the model and the data came from, the training curves, per-class
-scores, the confusion matrix and the mistakes the model was surest of. Both files are rendered from
+scores, the confusion matrix, how far its probabilities can be trusted (calibration: reliability diagram
+and coverage curve) and the mistakes the model was surest of. Both files are rendered from
 one list of blocks, so they cannot disagree.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import yaml
 
 from common.evaluation.classification_metrics import degenerate, majority_baseline
-from common.evaluation.plots import save_per_class_png, save_training_curves
+from common.evaluation.calibration import threshold_for
+from common.evaluation.plots import save_calibration_pngs, save_per_class_png, save_training_curves
 
 MISTAKES_SHOWN = 20   # the most confident mistakes listed; predictions.jsonl holds them all
 TEXT_SHOWN = 160      # characters of a mistake's text in the table
@@ -169,6 +171,34 @@ def per_class_blocks(m: dict) -> list:
             ("img", "per_class.png", "precision, recall and F1 per class")]
 
 
+def calibration_blocks(m: dict, out_dir: Path) -> list:
+    """ECE and NLL before and after the run's temperature, the reliability diagram, and the coverage curve
+    (what share a review threshold labels automatically, how accurately); draws reliability.png, coverage.png."""
+    c = m.get("calibration")
+    if not isinstance(c, dict):
+        return []
+    save_calibration_pngs(c, out_dir)
+    t = c["temperature"]
+    how = (f"Temperature T = {t:.2f}, fitted on the {c['fitted_on']} (calibration.json): every probability here and "
+           f"in predictions.jsonl is softmax(scores / T); the best label is the same at any T."
+           if c.get("fitted_on") else "No calibration.json: the raw probabilities (T = 1). "
+           "python train_qwen.py --calibrate-only RUN fits a temperature on the run's val split.")
+    rows = [("raw scores (T = 1)", f"{c['ece_before']:.4f}", f"{c['nll_before']:.4f}"),
+            (f"calibrated (T = {t:.2f})", f"{c['ece_after']:.4f}", f"{c['nll_after']:.4f}")]
+    curve = [(f"{r['threshold']:.3f}", f"{100 * r['coverage']:.1f}%",
+              "" if r["accuracy"] is None else f"{r['accuracy']:.4f}") for r in c["coverage"]]
+    picks = [(a, threshold_for(c["coverage"], a)) for a in (0.9, 0.95, 0.99)]
+    told = [f"accuracy {a:.0%}: threshold {p['threshold']:.3f} labels {100 * p['coverage']:.1f}% automatically"
+            for a, p in picks if p is not None]
+    return [("h2", "Calibration"), ("p", how),
+            ("table", [f"on {m['split']} ({m['items']} items)", "ECE (10 bins)", "NLL"], rows),
+            ("img", "reliability.png", "reliability diagram before and after the temperature"),
+            ("p", "Coverage: items whose best label's probability reaches the threshold are labelled automatically, "
+                  "the rest go to review." + (" For a target " + "; ".join(told) + "." if told else "")),
+            ("table", ["threshold", "labelled automatically", "their accuracy"], curve),
+            ("img", "coverage.png", "coverage and accuracy against the threshold")]
+
+
 def mistake_blocks(predictions: list[dict]) -> list:
     wrong = confident_mistakes(predictions)
     if not wrong:
@@ -270,7 +300,8 @@ def write_report(out_dir: Path, metrics: dict, predictions: list[dict], model_di
         if (out_dir / "confusion_matrix.png").is_file() else []
     blocks = [*summary_blocks(metrics, model_dir), *health_blocks(info),
               *provenance_blocks(model_dir, run_dir, info, manifest, split_path), *curves,
-              *per_class_blocks(metrics), *confusion, *mistake_blocks(predictions)]
+              *per_class_blocks(metrics), *confusion, *calibration_blocks(metrics, out_dir),
+              *mistake_blocks(predictions)]
     (out_dir / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
     (out_dir / "report.html").write_text(to_html(blocks, out_dir), encoding="utf-8")
     images = [args[0] for kind, *args in blocks if kind == "img" and args[0] != "confusion_matrix.png"]
