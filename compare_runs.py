@@ -23,7 +23,6 @@ from common.cli import add_force, run_stage
 from common.config import ConfigError
 from common.evaluation.comparison import (CONFIDENCE, RESAMPLES, SEED, compare_predictions, first_difference,
                                           items_digest, p_text)
-from common.evaluation.report import MISTAKES_SHOWN, TEXT_SHOWN, to_html, to_markdown
 from common.terminal import ljust_cols
 
 ROOT = Path(__file__).resolve().parent
@@ -85,10 +84,10 @@ def evaluator(args):
     """evaluate_model.py as a subprocess (a stage never imports another), with this command's config flags."""
     def evaluate(run_dir: Path) -> None:
         cmd = [sys.executable, str(ROOT / "evaluate_model.py"), "--model", str(run_dir), "--split", args.split]
-        cmd += [*(["--config", args.config] if args.config else []), *(["--profile", args.profile] if args.profile else [])]
-        cmd += [x for item in args.set for x in ("--set", item)]
+        for flag, value in [("--config", args.config), ("--profile", args.profile), *(("--set", s) for s in args.set)]:
+            cmd += [flag, value] if value else []
         print(f"evaluating {run_dir}: {' '.join(cmd[1:])}", flush=True)
-        code = subprocess.run(cmd, cwd=ROOT).returncode
+        code = subprocess.run(cmd).returncode  # from the same folder as this command, so relative paths agree
         if code != 0:
             raise ConfigError(f"evaluate_model.py failed for {run_dir} (exit {code}); its message is above")
     return evaluate
@@ -109,6 +108,7 @@ def check_comparable(a: RunEvaluation, b: RunEvaluation) -> list[str]:
 # ----------------------------------------------------------------------------- the report
 def disagreements(a: RunEvaluation, b: RunEvaluation) -> list[tuple]:
     """The items exactly one model gets right: (#, who is right, gold, A, B, text)."""
+    from common.evaluation.report import TEXT_SHOWN
     rows = []
     for i, (ra, rb) in enumerate(zip(a.rows, b.rows), 1):
         right_a, right_b = ra["predicted"] == ra["label"], rb["predicted"] == rb["label"]
@@ -124,6 +124,7 @@ def _diff_row(name: str, d: dict) -> tuple:
 
 def report_blocks(c: dict, a: RunEvaluation, b: RunEvaluation) -> list:
     """The comparison in report.py's block format (rendered by its to_markdown / to_html)."""
+    from common.evaluation.report import MISTAKES_SHOWN
     m, pct = c["mcnemar"], f"{100 * c['confidence']:.0f}%"
     wrong_one = disagreements(a, b)
     blocks = [("h1", f"{b.name} vs {a.name} on {c['split']}"), ("p", c["verdict"]),
@@ -179,6 +180,8 @@ def run(cfg, run_a: str, run_b: str, output: str | None = None, force: bool = Fa
          **result, "seconds": round(time.time() - start, 2)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(c, indent=2, ensure_ascii=False), encoding="utf-8")
+    # report.py pulls in torch (through calibration): imported here, so --help and a refusal answer at once
+    from common.evaluation.report import to_html, to_markdown
     blocks = report_blocks(c, a, b)
     (out / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
     (out / "report.html").write_text(to_html(blocks, out), encoding="utf-8")

@@ -180,3 +180,12 @@ def test_a_given_output_folder_is_not_written_into_without_force(evaluated, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "compare.json").read_text(encoding="utf-8"))["resamples"] == 50
     assert (out / "notes.txt").read_text(encoding="utf-8") == "keep"
+
+
+def test_help_shows_the_commands_and_a_wrong_path_is_one_sentence(tmp_path):
+    proc = run_script("compare_runs.py", "--help")
+    assert proc.returncode == 0 and "python compare_runs.py models/cmp-100 models/cmp-300" in proc.stdout
+    assert "--evaluate-missing" in proc.stdout and "--force" in proc.stdout
+    proc = run_script("compare_runs.py", str(tmp_path / "nothing"), str(tmp_path))
+    assert proc.returncode == 1 and "is not a run, a merged model or an evaluation folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
