@@ -145,7 +145,8 @@ def calibration_block(model_dir: Path, logprobs: torch.Tensor, truth: list[int])
     copy; T = 1 without one): ECE and NLL before and after, reliability tables, coverage curve."""
     found = calibration_of(model_dir)
     fitted = f"{found.get('split', '?')} split, {found.get('items', '?')} items" if found else None
-    return {**calibration_figures(logprobs, truth, temperature_of(model_dir)), "fitted_on": fitted}
+    return {**calibration_figures(logprobs, truth, temperature_of(model_dir)), "fitted_on": fitted,
+            "note": (found or {}).get("note")}  # why a fit was refused (T kept at 1), when it was
 
 
 def calibration_line(m: dict) -> str:
@@ -154,7 +155,8 @@ def calibration_line(m: dict) -> str:
         return (f"calibration: no calibration.json (raw probabilities, T=1): ECE on {m['split']} "
                 f"{c['ece_before']:.3f}; python train_qwen.py --calibrate-only RUN fits one")
     return (f"calibration: T={c['temperature']:.2f} (fitted on the {c['fitted_on']}): ECE on {m['split']} "
-            f"{c['ece_before']:.3f} -> {c['ece_after']:.3f}, NLL {c['nll_before']:.3f} -> {c['nll_after']:.3f}")
+            f"{c['ece_before']:.3f} -> {c['ece_after']:.3f}, NLL {c['nll_before']:.3f} -> {c['nll_after']:.3f}"
+            + (f" ({c['note']})" if c.get("note") else ""))
 
 
 def run_lines(model_dir: Path) -> list[str]:

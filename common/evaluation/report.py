@@ -179,8 +179,9 @@ def calibration_blocks(m: dict, out_dir: Path) -> list:
         return []
     save_calibration_pngs(c, out_dir)
     t = c["temperature"]
+    refused = f" On the val split {c['note']}." if c.get("note") else ""
     how = (f"Temperature T = {t:.2f}, fitted on the {c['fitted_on']} (calibration.json): every probability here and "
-           f"in predictions.jsonl is softmax(scores / T); the best label is the same at any T."
+           f"in predictions.jsonl is softmax(scores / T); the best label is the same at any T.{refused}"
            if c.get("fitted_on") else "No calibration.json: the raw probabilities (T = 1). "
            "python train_qwen.py --calibrate-only RUN fits a temperature on the run's val split.")
     rows = [("raw scores (T = 1)", f"{c['ece_before']:.4f}", f"{c['nll_before']:.4f}"),
