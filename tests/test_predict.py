@@ -16,6 +16,8 @@ from serving import free_port, start_server
 
 from common.evaluation.calibration import write_calibration
 
+# one OpenMP thread a process: on a shared 2-core box two spin against other jobs (docs/BENCHMARKS.md)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 CHUNK = ["--chunk-rows", "16", "--batch-size", "8", "--max-tokens", "220"]
 LONG = "央行宣布下调存款准备金率，释放长期流动性，市场预期稳定。" * 40   # far over --max-tokens 220
 
@@ -67,8 +69,8 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def predict(*args, **kw):
-    return run_script("predict.py", *args, **kw)
+def predict(*args):
+    return run_script("predict.py", *args, env=ONE_THREAD)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,7 @@ def wait_for(predicate, proc, deadline_s: float = 300):
 
 
 def kill_after_first_chunk(args: list[str], partial) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     proc = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -182,7 +184,8 @@ def test_sigkill_then_resume_gives_the_same_bytes(backlog, run_dir, local_csv, t
 def test_url_mode_gives_the_local_labels(backlog, run_dir, tiny_model, local_csv, tmp_path):
     """Through the real gunicorn service (base + the run's adapter), a rate limit low enough that some
     calls get 429 and are retried after Retry-After: the same labels, the same probabilities."""
-    server = start_server(tiny_model, tmp_path / "logs", ADAPTER_PATH=str(run_dir), RATE_LIMITS="3/second")
+    server = start_server(tiny_model, tmp_path / "logs", ADAPTER_PATH=str(run_dir), RATE_LIMITS="3/second",
+                          **ONE_THREAD)
     try:
         out = tmp_path / "via-service.csv"
         proc = predict("--input", str(backlog[0]), "--url", server.url, "--model", str(run_dir),
