@@ -3,8 +3,10 @@
     python compare_runs.py models/cmp-100 models/cmp-300                     # A = reference, B = candidate
     python compare_runs.py models/cmp-100 models/cmp-300 --evaluate-missing  # first runs evaluate_model.py where needed
     python compare_runs.py runs/a/eval-test runs/b/eval-test --output-dir reports/a-vs-b
+    MLFLOW_TRACKING_URI=http://mlflow:5000 python compare_runs.py mlflow:<run id A> mlflow:<run id B>
 
-A RUN is a training run (an adapter), a merged model, or an evaluation folder itself; its evaluation is
+A RUN is a training run (an adapter), a merged model, an evaluation folder itself, or mlflow:<run id> (a
+run tracked with train.report_to: [mlflow], whose evaluation was logged there); its evaluation is
 <RUN>/eval-<split>/ (predictions.jsonl and metrics.json, as evaluate_model.py writes them). Both must be on
 the same items with the same labels. Prints macro-F1 and accuracy of A and B with the difference's 95%
 paired-bootstrap interval, per-class F1 deltas, McNemar's exact test and one verdict, and writes
@@ -26,6 +28,7 @@ from common.evaluation.comparison import (CONFIDENCE, RESAMPLES, SEED, compare_p
 from common.terminal import ljust_cols
 
 ROOT = Path(__file__).resolve().parent
+MLFLOW = "mlflow:"  # RUN_A / RUN_B as mlflow:<run id>: that run's evaluation, from MLFLOW_TRACKING_URI
 
 
 @dataclass
@@ -42,6 +45,11 @@ class RunEvaluation:
 def evaluation_dir(spec: str, split: str, evaluate=None) -> tuple[str, Path, Path]:
     """(name, run directory, evaluation folder) a RUN argument names; `evaluate(run_dir)` makes a missing
     evaluation, None says which command makes it. The one place a new form (mlflow:<run_id>) is added."""
+    if spec.startswith(MLFLOW):  # an MLflow run's evaluation, fetched into models/mlflow-<run id>/eval-<split>/
+        from common.evaluation.tracking import fetch_artifacts
+        run_id = spec.removeprefix(MLFLOW)
+        local = ROOT / "models" / f"mlflow-{run_id}"
+        return f"mlflow-{run_id[:8]}", local, fetch_artifacts(run_id, f"eval-{split}", local)
     path = Path(spec)
     if (path / "predictions.jsonl").is_file():  # an evaluation folder: named by its run when it is eval-<split>
         name = path.resolve().parent.name if path.name.startswith("eval-") else path.name

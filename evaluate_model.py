@@ -137,7 +137,27 @@ def run(cfg, output_dir: str | None = None) -> dict:
     out_dir = Path(output_dir) if output_dir else model_dir / f"eval-{e.split}"
     split_path = cfg.resolve(cfg.data.processed_dir) / f"{e.split}.jsonl"
     written = write_outputs(out_dir, metrics, records, predicted, conf, model_dir, split_path)
-    return metrics | {"output_dir": str(out_dir), "written": written, "provenance_lines": run_lines(model_dir)}
+    return metrics | {"output_dir": str(out_dir), "written": written, "provenance_lines": run_lines(model_dir),
+                      "tracked": track(model_dir, out_dir, metrics, written)}
+
+
+def track(model_dir: Path, out_dir: Path, metrics: dict, written: list[str]) -> str:
+    """The evaluation's numbers (<split>.macro_f1, ...) and files (under eval-<split>/) into the MLflow run
+    that trained the model, when it was tracked (train.report_to: [mlflow]); a line saying what happened."""
+    from common.evaluation.report import training_run
+    from common.evaluation.tracking import log_figures, tracked_run
+    manifest = json.loads((model_dir / "manifest.json").read_text()) if (model_dir / "manifest.json").is_file() else {}
+    run_id, uri = tracked_run(training_run(model_dir, manifest))
+    if run_id is None:
+        return ""
+    try:
+        log_figures(run_id, {k: v for k, v in metrics.items() if k != "calibration"} | {
+            "calibration": {k: v for k, v in (metrics.get("calibration") or {}).items() if not isinstance(v, list)}},
+            [out_dir / name for name in written], prefix=f"{metrics['split']}.", artifact_dir=out_dir.name,
+            tracking_uri=uri)
+    except Exception as e:  # the evaluation stands on disk; the tracking server is a copy of it
+        return f"warning: not logged to MLflow run {run_id} at {uri}: {type(e).__name__}: {str(e)[:200]}"
+    return f"logged to MLflow run {run_id} at {uri} ({metrics['split']}.* metrics, {out_dir.name}/ artifacts)"
 
 
 def calibration_block(model_dir: Path, logprobs: torch.Tensor, truth: list[int]) -> dict:
@@ -195,6 +215,8 @@ def report(m: dict, baseline: dict | None) -> None:
               f"{g['ms_per_item']} ms/item")
     print(f"wrote {m['output_dir']}/ ({', '.join(m['written'])})")
     print(f"report: {Path(m['output_dir']) / 'report.html'} (open it in a browser; report.md beside it)")
+    if m.get("tracked"):
+        print(m["tracked"])
 
 
 def add_args(parser) -> None:

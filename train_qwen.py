@@ -38,11 +38,12 @@ from common.evaluation.calibration import calibrate_run, recalibrate, summary_li
 from common.evaluation.classification_metrics import classification_metrics
 from common.evaluation.plots import save_training_curves
 from common.evaluation.provenance import run_provenance
+from common.evaluation.tracking import log_training, tracking_facts, training_run
 from common.evaluation.training_health import make_monitor
 from common.model.batching import left_pad, position_ids
 from common.model.label_scoring import score_label_ids
-from common.model.loading import (TRAIN_METHODS, cap_gpu_memory, gpu_free_bytes, load_tokenizer, pick_device,
-                                  pick_dtype, quantization_config)
+from common.model.loading import (TRAIN_METHODS, cap_gpu_memory, gpu_free_bytes, load_tokenizer, peak_memory,
+                                  pick_device, pick_dtype, quantization_config)
 from common.model.memory import model_shape, training_fit
 from common.text.prepared import LABELS_FILE, data_hash, load_splits, read_labels
 from common.text.prompts import IGNORE_INDEX, classification_ids, encode_records
@@ -214,22 +215,6 @@ def training_arguments(cfg, run_dir: Path, device: str, classification: bool):
     )
 
 
-def peak_memory_gib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 1024**3
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
-
-
-def cuda_figures(device: str) -> dict:
-    """On a GPU, what a card must hold beyond the allocator's peak: its reserved peak and the CUDA context."""
-    if device != "cuda":
-        return {}
-    from common.model.loading import cuda_context_bytes
-    return {"peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2),
-            "cuda_context_gib": round(cuda_context_bytes() / 1024**3, 2)}
-
-
 def save_run(trainer, run_dir: Path, cfg, processed: Path, info: dict) -> None:
     """The best adapter and everything needed to reproduce and use it; train_info.json goes last."""
     trainer.model.save_pretrained(run_dir)
@@ -327,26 +312,32 @@ def run(cfg, resume: bool = False, force: bool = False) -> dict:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.resolve(cfg.logging.dir) / "tensorboard" / run_dir.name))
     model, n_train = trainable_model(model_path, t, device, cfg.model.int8_threshold)
     trainer = make_trainer(cfg, model, tokenizer, splits, encoded, labels, run_dir, device)
-    start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.time() - start
-    figures = {
-        "base_model": cfg.model.path, "method": t.method, "data_sha256": data_hash(processed, ("train", "val")),
-        "task": "classification" if labels else "chat", "labels": labels or [],
-        "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
-        "best_metric": trainer.state.best_metric, "final_eval": trainer.evaluate(), "train_seconds": round(seconds, 1),
-        "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1),
-        "samples_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 2),
-        "padding_ratio": round(trainer.data_collator.padding_ratio, 4), "trainable_parameters": n_train,
-        "peak_memory_gib": round(peak_memory_gib(device), 2), "device": device, **cuda_figures(device),
-        "provenance": run_provenance(cfg, processed, model_path, device, str(pick_dtype(device)).removeprefix("torch.")),
-        "health": [dataclasses.asdict(f) for f in trainer.health.findings],
-        "ended_degenerate": [dataclasses.asdict(f) for f in trainer.health.ended_degenerate()],
-    }
-    if trainer.is_world_process_zero():
-        if labels:  # the best model is loaded (load_best_model_at_end): its probabilities are calibrated
-            figures["calibration"] = calibrate_run(run_dir, trainer.model, tokenizer, splits["val"], labels, cfg)
-        save_run(trainer, run_dir, cfg, processed, figures)
+    rank0 = trainer.is_world_process_zero()  # under accelerate, one MLflow run: rank 0's
+    with training_run(t.report_to if rank0 else [], run_dir.name, {"run_dir": run_dir}) as tracked:
+        start = time.time()
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        seconds = time.time() - start
+        figures = {
+            "base_model": cfg.model.path, "method": t.method, "data_sha256": data_hash(processed, ("train", "val")),
+            "task": "classification" if labels else "chat", "labels": labels or [],
+            "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
+            "best_metric": trainer.state.best_metric, "final_eval": trainer.evaluate(),
+            "train_seconds": round(seconds, 1),
+            "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1),
+            "samples_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 2),
+            "padding_ratio": round(trainer.data_collator.padding_ratio, 4), "trainable_parameters": n_train,
+            **peak_memory(device), "device": device,
+            "provenance": run_provenance(cfg, processed, model_path, device,
+                                         str(pick_dtype(device)).removeprefix("torch.")),
+            "health": [dataclasses.asdict(f) for f in trainer.health.findings],
+            "ended_degenerate": [dataclasses.asdict(f) for f in trainer.health.ended_degenerate()],
+        }
+        if rank0:
+            if labels:  # the best model is loaded (load_best_model_at_end): its probabilities are calibrated
+                figures["calibration"] = calibrate_run(run_dir, trainer.model, tokenizer, splits["val"], labels, cfg)
+            figures.update(tracking_facts(tracked))
+            save_run(trainer, run_dir, cfg, processed, figures)
+            log_training(tracked, run_dir, figures)
     return figures | {"run_dir": str(run_dir)}
 
 

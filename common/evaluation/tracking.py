@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import re
+import time
 from pathlib import Path
 
 from common.config import ConfigError
@@ -62,26 +65,44 @@ def numbers(figures: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def log_figures(run_id: str, figures: dict, files: list[Path] = (), prefix: str = "", artifact_dir: str | None = None):
+def log_figures(run_id: str, figures: dict, files: list[Path] = (), prefix: str = "", artifact_dir: str | None = None,
+                tracking_uri: str | None = None):
     """The numbers of `figures` as metrics of the run (names prefixed) and `files` as its artifacts."""
-    client = _mlflow().MlflowClient()
-    metrics = numbers(figures, prefix)
-    if metrics:
-        from mlflow.entities import Metric
-        import time
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    from mlflow.entities import Metric
+    client, now = _mlflow().MlflowClient(tracking_uri), int(time.time() * 1000)
+    metrics = {re.sub(r"[^\w.\- :/]", "_", k): v for k, v in numbers(figures, prefix).items()}
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
+        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in list(metrics.items())[start:start + 1000]])
     for path in files:
         if Path(path).is_file():
             client.log_artifact(run_id, str(path), artifact_dir)
 
 
-def run_id_of(run_dir: Path) -> str | None:
-    """The MLflow run id a training run recorded (train_info.json's mlflow_run_id), or None."""
+RUN_FILES = ("train_info.json", "calibration.json", "config.resolved.yaml", "labels.json", "curves_loss.png",
+             "curves_metrics.png")
+
+
+def tracking_facts(run_id: str | None) -> dict:
+    """What train_info.json keeps of the MLflow run: its id and server, so the evaluation logs into it."""
+    return {"mlflow_run_id": run_id, "mlflow_tracking_uri": _mlflow().get_tracking_uri()} if run_id else {}
+
+
+def log_training(run_id: str | None, run_dir: Path, figures: dict) -> None:
+    """The run's own figures (final eval, calibration, speed, memory) and files, into its MLflow run."""
+    if run_id:
+        log_figures(run_id, {k: v for k, v in figures.items() if k not in ("provenance", "health")},
+                    [Path(run_dir) / name for name in RUN_FILES])
+
+
+def tracked_run(run_dir: Path | None) -> tuple[str | None, str | None]:
+    """(MLflow run id, tracking server) a training run recorded in train_info.json, or (None, None); the
+    server is MLFLOW_TRACKING_URI when set (the same server under another address), else the recorded one."""
     try:
-        return json.loads((Path(run_dir) / "train_info.json").read_text(encoding="utf-8")).get("mlflow_run_id")
+        info = json.loads((Path(run_dir) / "train_info.json").read_text(encoding="utf-8")) if run_dir else {}
     except (OSError, ValueError):
-        return None
+        return None, None
+    run_id = info.get("mlflow_run_id")
+    return (run_id, os.environ.get("MLFLOW_TRACKING_URI") or info.get("mlflow_tracking_uri")) if run_id else (None, None)
 
 
 def fetch_artifacts(run_id: str, artifact_dir: str, dest: Path) -> Path:

@@ -174,6 +174,17 @@ def gpu_free_bytes(cap_gib: float | None = None) -> int:
 
 
 
+def peak_memory(device: str) -> dict:
+    """This process's peak: on a GPU the allocator's peak, its reserved peak and the CUDA context (what a card
+    must hold beyond the peak), else the peak RSS."""
+    if device != "cuda":
+        import resource
+        return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)}  # KiB
+    return {"peak_memory_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2),
+            "cuda_context_gib": round(cuda_context_bytes() / 1024**3, 2)}
+
+
 def cuda_context_bytes() -> int:
     """What the card holds beyond this process's PyTorch pool: the CUDA context and the libraries'
     workspaces (0.3 to 0.6 GiB), which a card's budget must hold on top of the allocator's peak. Read as
