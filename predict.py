@@ -171,8 +171,8 @@ def read_rows(cfg, args, src: Path) -> tuple[list[str], list[dict], list[str | N
     col = pick_column(table.columns, args.text_col, TEXT_NAMES, "text")
     rows, texts, statuses = [], [], []
     for it in table.items:
-        raw = it.raw if isinstance(it.raw, dict) else dict(zip(table.columns, it.raw)) \
-            if isinstance(it.raw, list) else {}
+        cells = isinstance(it.raw, list) and table.source["format"] in ("csv", "tsv")  # a malformed row's fields
+        raw = it.raw if isinstance(it.raw, dict) else dict(zip(table.columns, it.raw)) if cells else {}
         text, why = (None, it.reason) if it.kind else cell_text(raw.get(col)) if isinstance(it.raw, dict) \
             else (None, "not a JSON object")
         rows.append(raw)
