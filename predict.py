@@ -32,8 +32,8 @@ from common.model.run_lookup import find_run, model_identity, read_json, run_max
 from common.resumable import ChunkStore, file_sha256
 from common.text.prepared import read_labels
 from common.text.prompt_fit import prompts_fitting
-from common.text.reading import pick_column, read_items
-from common.text.table_output import TEXT_NAMES, cell_text, check_output, write_table
+from common.text.reading import TEXT_NAMES, pick_column, read_items
+from common.text.table_output import cell_text, check_output, write_table
 
 REVIEW_BELOW = 0.8    # rows whose label is less probable than this are flagged for review (predict.review_below)
 CHUNK_ROWS = 256      # rows a saved chunk: what a crash can cost, and the unit split between processes

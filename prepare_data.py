@@ -26,22 +26,16 @@ from common.cli import run_stage
 from common.config import ROOT
 from common.terminal import ljust_cols
 from common.text.prepared import LABELS_FILE, SPLITS, DataError
+from common.text.prompt_fit import longest_prefix
 from common.text.prompts import encode_records
-from common.text.reading import Item, Table, live, pick_column, read_items
+from common.text.reading import TEXT_NAMES, Item, Table, clean, live, pick_column, read_items
 
-# Column names tried in this order (case-insensitive) when --text-col / --label-col are not given.
-TEXT_NAMES = ("text", "content", "sentence", "title", "news", "review", "comment",
-              "文本", "内容", "新闻", "标题", "评论", "评价")
+# Column names tried in this order (case-insensitive) when --label-col is not given (the text's: TEXT_NAMES).
 LABEL_NAMES = ("label", "labels", "category", "class", "sentiment", "类别", "标签", "分类", "情感")
 BATCH = 512  # texts per tokenizer call: the fast (Rust) tokenizer encodes a batch in parallel
 
 
 # ----------------------------------------------------------------------------- cleaning
-def clean(s: str) -> str:
-    """NFC, and every whitespace run (newlines too) becomes one space, stripped at both ends."""
-    return " ".join(unicodedata.normalize("NFC", s).split())
-
-
 def as_text(value) -> str | None:
     """A cell as text: None is empty, numbers and booleans (label 0/1 in JSON) become text, lists are not."""
     if value is None or isinstance(value, str):
@@ -136,14 +130,10 @@ def example_lengths(tok, records: list[dict], labels: list[str] | None, prompt_c
 
 def fit_text(tok, record: dict, labels: list[str], prompt_cfg, budget: int) -> tuple[str, int] | None:
     """(the longest prefix of the text whose example fits, its length) by binary search on characters."""
-    def length(n: int) -> int:
-        return example_lengths(tok, [{**record, "text": record["text"][:n].rstrip()}], labels, prompt_cfg)[0]
-    lo, hi = 0, len(record["text"])  # length(hi) does not fit; length(lo) fits unless lo is 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if length(mid) <= budget else (lo, mid)
-    text = record["text"][:lo].rstrip()
-    return (text, length(lo)) if text else None
+    def length(text: str) -> int:
+        return example_lengths(tok, [{**record, "text": text}], labels, prompt_cfg)[0]
+    text = longest_prefix(record["text"], lambda t: length(t) <= budget)
+    return (text, length(text)) if text else None
 
 
 def prepare_classification(items, tok, cfg, cols: tuple[str, str], warnings: list[str]) -> list[str]:

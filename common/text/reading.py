@@ -11,6 +11,7 @@ import codecs
 import csv
 import io
 import json
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +319,17 @@ def read_items(path: Path, encoding: str, sheet: str | None) -> Table:
     if sheet is not None:
         table.warnings.append(f"data.sheet '{sheet}' applies to .xlsx files only; ignored for {path.name}")
     return table
+
+
+# Column names tried in this order (case-insensitive) when no text column is named (prepare_data, predict).
+TEXT_NAMES = ("text", "content", "sentence", "title", "news", "review", "comment",
+              "文本", "内容", "新闻", "标题", "评论", "评价")
+
+
+def clean(s: str) -> str:
+    """A text as the model sees it (training and labelling alike): NFC, and every whitespace run (newlines
+    too) becomes one space, stripped at both ends."""
+    return " ".join(unicodedata.normalize("NFC", s).split())
 
 
 def pick_column(columns: list[str], wanted: str | None, names: tuple[str, ...], what: str) -> str:

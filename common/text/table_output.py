@@ -10,23 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-import unicodedata
 from pathlib import Path
 
 from common.text.prepared import DataError
+from common.text.reading import clean
 
 OUTPUT_KINDS = (".csv", ".jsonl", ".xlsx")
-# Column names tried in this order (case-insensitive) when no text column is named (prepare_data.py's list).
-TEXT_NAMES = ("text", "content", "sentence", "title", "news", "review", "comment",
-              "文本", "内容", "新闻", "标题", "评论", "评价")
 
 
 # ----------------------------------------------------------------------------- cells as text
-def clean(s: str) -> str:
-    """NFC, and every whitespace run (newlines too) becomes one space, stripped at both ends."""
-    return " ".join(unicodedata.normalize("NFC", s).split())
-
-
 def cell_text(value) -> tuple[str | None, str]:
     """(the cleaned text of a cell, "") or (None, why it is not text): None and "" are empty text."""
     if isinstance(value, (int, float, bool)) and not isinstance(value, str):
