@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -26,6 +25,7 @@ from common.cli import run_stage
 from common.config import ROOT
 from common.terminal import ljust_cols
 from common.text.prepared import LABELS_FILE, SPLITS, DataError
+from common.resumable import write_atomic
 from common.text.prompt_fit import longest_prefix
 from common.text.prompts import encode_records
 from common.text.reading import TEXT_NAMES, Item, Table, clean, live, pick_column, read_items
@@ -222,18 +222,6 @@ def build_report(src: str, table: Table, task: str, cols, splits, labels, cfg, w
 
 
 # ----------------------------------------------------------------------------- writing and printing
-def write_atomic(path: Path, text: str) -> None:
-    """A temp file beside the target, then a rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        # a lone surrogate (only ever in a rejected JSONL line's raw item) is written as its \\u escape,
-        # which JSON reads back as it was written
-        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(out: Path, splits, items, labels, report) -> list[str]:
     def jsonl(rows):
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

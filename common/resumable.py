@@ -25,6 +25,8 @@ def file_sha256(path: Path) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """A temp file beside the target, then a rename: a reader never sees half a file. A lone surrogate (only
+    ever in a rejected JSONL line's raw item) is written as its \\u escape, which JSON reads back as it was."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
