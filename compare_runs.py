@@ -45,11 +45,12 @@ class RunEvaluation:
 def evaluation_dir(spec: str, split: str, evaluate=None) -> tuple[str, Path, Path]:
     """(name, run directory, evaluation folder) a RUN argument names; `evaluate(run_dir)` makes a missing
     evaluation, None says which command makes it. The one place a new form (mlflow:<run_id>) is added."""
-    if spec.startswith(MLFLOW):  # an MLflow run's evaluation, fetched into models/mlflow-<run id>/eval-<split>/
+    if spec.startswith(MLFLOW):  # an MLflow run's evaluation, fetched into a temporary folder; the default
+        import tempfile  # output of a comparison with it as B is models/mlflow-<run id>/compare-<A>/
         from common.evaluation.tracking import fetch_artifacts
         run_id = spec.removeprefix(MLFLOW)
-        local = ROOT / "models" / f"mlflow-{run_id}"
-        return f"mlflow-{run_id[:8]}", local, fetch_artifacts(run_id, f"eval-{split}", local)
+        fetched = fetch_artifacts(run_id, f"eval-{split}", Path(tempfile.mkdtemp(prefix=f"mlflow-{run_id[:8]}-")))
+        return f"mlflow-{run_id[:8]}", ROOT / "models" / f"mlflow-{run_id}", fetched
     path = Path(spec)
     if (path / "predictions.jsonl").is_file():  # an evaluation folder: named by its run when it is eval-<split>
         name = path.resolve().parent.name if path.name.startswith("eval-") else path.name

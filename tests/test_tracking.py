@@ -98,3 +98,4 @@ def test_compare_takes_mlflow_run_ids(tracking_uri, tracked_run, tmp_path):
     proc = run_script("compare_runs.py", "mlflow:0123456789abcdef", f"mlflow:{run_id}", "--output-dir",
                       str(tmp_path / "cmp2"), env={"MLFLOW_TRACKING_URI": tracking_uri})
     assert proc.returncode == 1 and "0123456789abcdef" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((ROOT / "models").glob(f"mlflow-{run_id}*")) and not list((ROOT / "models").glob("mlflow-0123*"))
