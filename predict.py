@@ -90,6 +90,14 @@ class LocalScorer:
 
 
 # ----------------------------------------------------------------------------- scoring through a service
+def retry_after(value: str | None) -> float:
+    """Retry-After's seconds (1 when absent or an HTTP date, which this service never sends), at most 60."""
+    try:
+        return min(max(float(value), 0.0), 60.0)
+    except (TypeError, ValueError):
+        return 1.0
+
+
 class ServiceScorer:
     """/v1/classify of a running service, SERVICE_BATCH texts a call; texts are cut with --model's
     tokenizer (when given) so they match what the local mode scores."""
@@ -118,7 +126,7 @@ class ServiceScorer:
                                 "(bash start_production.sh) or check --url") from None
             if r.status_code not in (429, 503):
                 break
-            time.sleep(float(r.headers.get("Retry-After") or 1))  # busy or rate-limited: wait as it says
+            time.sleep(retry_after(r.headers.get("Retry-After")))  # busy or rate-limited: wait as it says
         else:
             raise UserError(f"{self.url} stayed busy ({r.status_code}) through {RETRIES} tries; try again later")
         if r.status_code == 401:

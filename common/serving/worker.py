@@ -78,8 +78,8 @@ class Worker:
             self.tokenizer = load_tokenizer(self.adapter or self.model_dir)
             model, shape = self._load_model()
             self.labels = read_labels(*filter(None, (self.adapter, self.model_dir))) or []
-            if calibration_of(self.adapter, self.model_dir) is not None:
-                self.temperature = temperature_of(self.adapter, self.model_dir)
+            self.temperature = temperature_of(self.adapter, self.model_dir) \
+                if calibration_of(self.adapter, self.model_dir) is not None else None
             self.sampling = server_defaults(s, self.model_dir)
             self.kv_budget, source = kv_budget(shape, s, self.device, self.cfg.model.gpu_memory_cap_gib)
             self.engine = Engine(model, self.tokenizer, s.max_concurrent, s.max_queue, s.max_queue_wait_s,
